@@ -1,0 +1,142 @@
+"""Parameter count and CPU forward+backward time per batch for every network.
+
+2D networks run on 256x256 batches of 4, 3D networks on 64^3 batches of 1 (``--quick``: 32x32
+and 32^3 with width 4, a smoke check only). Each case has 1 warm-up and ``--repeats`` timed
+training steps (forward, mean of the logits, backward); the median is reported. Results go to
+benchmarks/results/model_speed.json (model_speed_quick.json with ``--quick``) and a markdown
+table is printed.
+
+    .venv/bin/python benchmarks/model_speed.py [--repeats 3] [--quick] [--threads N]
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models import build_model, count_parameters  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# (label, model name, build options); every network has 1 input and 1 output channel and its
+# default width unless the options say otherwise
+CASES_2D = [
+    ("unet", "unet", {}),
+    ("attention_unet", "attention_unet", {}),
+    ("unet_pp", "unet_pp", {}),
+    ("unet_pp deep supervision", "unet_pp", {"deep_supervision": True}),
+]
+CASES_3D = [
+    ("unet3d", "unet3d", {}),
+    ("vnet", "vnet", {}),
+    ("attention_unet 3d", "attention_unet", {"spatial_dims": 3, "init_features": 16}),
+    ("unet_pp 3d", "unet_pp", {"spatial_dims": 3, "init_features": 16}),
+]
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else what ``platform`` reports."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def time_training_step(model: torch.nn.Module, batch: torch.Tensor, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` forward+backward passes, after one warm-up pass."""
+    model.train()
+    times = []
+    for step in range(repeats + 1):
+        start = time.perf_counter()
+        outputs = model(batch)
+        outputs = outputs if isinstance(outputs, list) else [outputs]
+        sum(output.mean() for output in outputs).backward()
+        model.zero_grad(set_to_none=True)
+        if step > 0:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def run_case(label: str, name: str, options: dict, shape: tuple[int, ...], repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=1, out_channels=1, **options)
+    times = time_training_step(model, torch.randn(shape), repeats)
+    return {
+        "network": label,
+        "model": name,
+        "options": options,
+        "input_shape": list(shape),
+        "parameters": count_parameters(model),
+        "median_seconds": statistics.median(times),
+        "seconds": times,
+    }
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = [
+        "| network | input (N, C, *spatial) | parameters | forward+backward s (median) |",
+        "|---|---|---:|---:|",
+    ]
+    for result in results:
+        shape = "x".join(str(size) for size in result["input_shape"])
+        lines.append(
+            f"| {result['network']} | {shape} | {result['parameters']:,} | {result['median_seconds']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per network")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and widths (smoke check)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    shape_2d, shape_3d = (
+        ((2, 1, 32, 32), (1, 1, 32, 32, 32))
+        if args.quick
+        else (
+            (4, 1, 256, 256),
+            (1, 1, 64, 64, 64),
+        )
+    )
+    results = []
+    for cases, shape in ((CASES_2D, shape_2d), (CASES_3D, shape_3d)):
+        for label, name, options in cases:
+            if args.quick:
+                options = {**options, "init_features": 4}
+            results.append(run_case(label, name, options, shape, args.repeats))
+            print(f"{label}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr)
+
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "results": results,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    output = RESULTS_DIR / ("model_speed_quick.json" if args.quick else "model_speed.json")
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown_table(results))
+    print(f"\nwritten to {output}")
+
+
+if __name__ == "__main__":
+    main()

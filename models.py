@@ -1,0 +1,52 @@
+"""The one place that maps network names to networks.
+
+Notebooks and the training engine call ``build_model("unet", in_channels, out_channels, ...)``;
+adding a network means adding one entry to ``MODELS``.
+"""
+
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from attention_unet import AttentionUNet
+from unet import UNet
+from unet_pp import UNetPlusPlus
+from vnet import VNet
+
+
+def unet3d(in_channels: int = 1, out_channels: int = 1, init_features: int = 32) -> UNet:
+    """3D U-Net (Çiçek et al. 2016): the UNet class with ``spatial_dims=3``."""
+    return UNet(in_channels, out_channels, init_features, spatial_dims=3)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "unet": UNet,
+    "unet3d": unet3d,
+    "attention_unet": AttentionUNet,
+    "unet_pp": UNetPlusPlus,
+    "vnet": VNet,
+}
+
+
+def build_model(name: str, in_channels: int, out_channels: int, **options) -> nn.Module:
+    """Build the network called ``name``; ``options`` go to its constructor.
+
+    Raises ValueError for an unknown name and TypeError for an option the network does not take
+    (e.g. ``deep_supervision`` for "unet"), naming the network and the option.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    factory = MODELS[name]
+    accepted = set(inspect.signature(factory).parameters) - {"in_channels", "out_channels"}
+    for option in options:
+        if option not in accepted:
+            raise TypeError(
+                f"model {name!r} does not accept option {option!r}; it accepts: {', '.join(sorted(accepted))}"
+            )
+    return factory(in_channels=in_channels, out_channels=out_channels, **options)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)

@@ -1,0 +1,99 @@
+"""Training and evaluation on generated volumetric data: 3D patches, 2D slices of volumes, resume."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import TrainConfig, evaluate, train
+from synthetic import make_decathlon, make_luna
+from utils import read_metrics_csv
+from volumes import read_volume
+
+
+@pytest.fixture(scope="module")
+def hippocampus(tmp_path_factory) -> Path:
+    return make_decathlon(tmp_path_factory.mktemp("msd"), n_cases=6, seed=1)
+
+
+@pytest.fixture(scope="module")
+def luna(tmp_path_factory) -> Path:
+    return make_luna(tmp_path_factory.mktemp("luna"), n_cases=3, shape=(40, 80, 80), seed=1)
+
+
+def tiny(tmp_path: Path, **settings) -> TrainConfig:
+    defaults = {
+        "run_name": "tiny",
+        "runs_dir": str(tmp_path / "runs"),
+        "cache_dir": str(tmp_path / "cache"),
+        "init_features": 4,
+        "validation_cases": 1,
+        "test_cases": 1,
+        "epochs": 1,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "patches_per_epoch": 8,
+    }
+    return TrainConfig(**{**defaults, **settings})
+
+
+def test_a_3d_unet_trains_on_patches_and_writes_nifti_predictions_on_the_source_grid(tmp_path, hippocampus):
+    config = tiny(tmp_path, dataset="msd", data_dir=str(hippocampus), model="unet3d", loss="dice_ce")
+    result = train(config)
+    args = json.loads((config.run_dir / "args.json").read_text())
+    # the largest case (about 34 × 50 × 42) rounded up to multiples of 16
+    assert args["shapes"]["patch_size"] == [48, 64, 48]
+    assert args["class_names"] == {"1": "Anterior", "2": "Posterior"}
+    assert 0.0 <= result["best_val_mean_dsc"] <= 1.0
+    output = evaluate(config.run_dir)["output_dir"]
+    rows = read_metrics_csv(output / "dsc.csv")
+    assert {"dsc_Anterior", "dsc_Posterior", "hd95_Anterior", "dsc_mean_lcc"} <= set(rows[0])
+    for row in rows:
+        label_file = output / "labels" / f"{row['case']}.nii.gz"
+        predicted, geometry = read_volume(label_file)
+        source, source_geometry = read_volume(hippocampus / "imagesTr" / f"{row['case']}.nii.gz")
+        assert predicted.shape == source.shape
+        assert geometry == source_geometry
+        assert set(np.unique(predicted)) <= {0, 1, 2}
+
+
+def test_unlabelled_decathlon_cases_get_predictions_but_no_metrics(tmp_path, hippocampus):
+    config = tiny(tmp_path, dataset="msd", data_dir=str(hippocampus), model="unet", epochs=1)
+    train(config)
+    output = evaluate(config.run_dir, data_dir=str(hippocampus))
+    rows = output["rows"]
+    test_ids = [p.name.removesuffix(".nii.gz") for p in (hippocampus / "imagesTs").glob("*.nii.gz")]
+    assert test_ids and not {row["case"] for row in rows} & set(test_ids)
+    for case_id in test_ids:
+        assert (output["output_dir"] / "labels" / f"{case_id}.nii.gz").is_file()
+        assert (output["output_dir"] / "predictions" / f"{case_id}.gif").is_file()
+
+
+def test_a_2d_unet_trains_on_lung_ct_slices_and_writes_mhd_predictions(tmp_path, luna):
+    config = tiny(tmp_path, dataset="luna", data_dir=str(luna), model="unet", slice_axis=0, epochs=2)
+    result = train(config)
+    assert len(result["history"]) == 2
+    output = evaluate(config.run_dir, subsets=["validation"])["output_dir"]
+    (row,) = read_metrics_csv(output / "dsc.csv")
+    predicted, geometry = read_volume(output / "labels" / f"{row['case']}.mhd")
+    ct, ct_geometry = read_volume(luna / "subset0" / f"{row['case']}.mhd")
+    assert predicted.shape == ct.shape
+    assert geometry == ct_geometry
+
+
+def test_an_interrupted_run_resumes_and_a_changed_one_is_refused(tmp_path, hippocampus, capsys):
+    config = tiny(tmp_path, dataset="msd", data_dir=str(hippocampus), model="unet", epochs=1)
+    train(config)
+    config.epochs = 2
+    result = train(config)
+    assert "Resuming" in capsys.readouterr().out
+    assert [entry["epoch"] for entry in result["history"]] == [1, 2]
+    config.lr = 1e-2
+    with pytest.raises(ValueError, match=r"exists with other settings \{'lr': \(0\.003, 0\.01\)\}"):
+        train(config)
+
+
+def test_the_time_budget_stops_training_after_the_epoch_that_passes_it(tmp_path, hippocampus):
+    config = tiny(tmp_path, dataset="msd", data_dir=str(hippocampus), epochs=5, time_budget_minutes=1e-4)
+    assert len(train(config)["history"]) == 1

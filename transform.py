@@ -1,0 +1,119 @@
+"""Data augmentation applied identically to an image and its label map, in 2D or 3D.
+
+The reference's augmentation (random scale ±5%, rotation ±15°, horizontal flip with p = 0.5) as one
+affine resampling, so image and label move together: the image is interpolated linearly, the label map by
+nearest neighbour, so it keeps its class values. Random numbers come from torch so that DataLoader workers,
+which torch seeds one by one, draw different augmentations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy.ndimage import affine_transform
+
+
+def _uniform(low: float, high: float) -> float:
+    return float(torch.empty(()).uniform_(low, high))
+
+
+def _rotation(spatial_dims: int, max_degrees: float) -> np.ndarray:
+    """A random rotation: in-plane for 2D, about each axis in turn for 3D."""
+    if spatial_dims == 2:
+        angle = math.radians(_uniform(-max_degrees, max_degrees))
+        cos, sin = math.cos(angle), math.sin(angle)
+        return np.array([[cos, -sin], [sin, cos]])
+    matrix = np.eye(3)
+    for axes in ((1, 2), (0, 2), (0, 1)):
+        angle = math.radians(_uniform(-max_degrees, max_degrees))
+        plane = np.eye(3)
+        plane[np.ix_(axes, axes)] = [
+            [math.cos(angle), -math.sin(angle)],
+            [math.sin(angle), math.cos(angle)],
+        ]
+        matrix = plane @ matrix
+    return matrix
+
+
+class RandomAffine:
+    """Random scale, rotation and flips about the centre, for (C, *spatial) images and (*spatial) labels.
+
+    scale: relative range (0.05 → factor in [0.95, 1.05]); degrees: maximum rotation per axis;
+    flip_prob: probability of mirroring each axis in `flip_axes` (spatial axes, -1 = width).
+    """
+
+    def __init__(
+        self,
+        scale: float = 0.05,
+        degrees: float = 15.0,
+        flip_prob: float = 0.5,
+        flip_axes: Sequence[int] = (-1,),
+    ):
+        self.scale = scale
+        self.degrees = degrees
+        self.flip_prob = flip_prob
+        self.flip_axes = tuple(flip_axes)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        spatial_dims = label.ndim
+        for axis in self.flip_axes:
+            if _uniform(0, 1) < self.flip_prob:
+                image = np.flip(image, axis=axis if axis < 0 else axis + 1)
+                label = np.flip(label, axis=axis)
+        factor = _uniform(1 - self.scale, 1 + self.scale)
+        matrix = _rotation(spatial_dims, self.degrees) / factor
+        centre = (np.array(label.shape) - 1) / 2
+        offset = centre - matrix @ centre
+        warped_image = np.stack(
+            [affine_transform(channel, matrix, offset, order=1, mode="constant") for channel in image]
+        )
+        warped_label = affine_transform(label, matrix, offset, order=0, mode="constant")
+        return warped_image.astype(np.float32), warped_label
+
+
+class IntensityJitter:
+    """Random per-channel gain and shift of a normalised image (labels untouched)."""
+
+    def __init__(self, gain: float = 0.1, shift: float = 0.1, prob: float = 0.5):
+        self.gain = gain
+        self.shift = shift
+        self.prob = prob
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if _uniform(0, 1) >= self.prob:
+            return image, label
+        gains = np.array([_uniform(1 - self.gain, 1 + self.gain) for _ in image], np.float32)
+        shifts = np.array([_uniform(-self.shift, self.shift) for _ in image], np.float32)
+        expand = (slice(None),) + (None,) * (image.ndim - 1)
+        return image * gains[expand] + shifts[expand], label
+
+
+class Compose:
+    """Apply transforms in order to (image, label)."""
+
+    def __init__(self, transforms: Sequence):
+        self.transforms = list(transforms)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        for transform in self.transforms:
+            image, label = transform(image, label)
+        return image, label
+
+
+def build_transform(
+    scale: float = 0.05,
+    degrees: float = 15.0,
+    flip_prob: float = 0.5,
+    flip_axes: Sequence[int] = (-1,),
+    intensity: float = 0.0,
+) -> Compose | None:
+    """The training augmentation from its settings; None when every setting is off."""
+    transforms = []
+    if scale or degrees or flip_prob:
+        transforms.append(RandomAffine(scale, degrees, flip_prob, flip_axes))
+    if intensity:
+        transforms.append(IntensityJitter(gain=intensity, shift=intensity))
+    return Compose(transforms) if transforms else None
