@@ -1,6 +1,6 @@
 """Attention U-Net (Oktay et al. 2018): a U-Net whose skip connections pass through attention gates.
 
-Encoder, decoder blocks and output head are those of ``unet.py``; the only addition is an
+Encoder, decoder blocks and output head are those of ``unet.UNet``; the only addition is an
 additive attention gate that scales every skip feature by a learned map in [0, 1] before it is
 concatenated, so the decoder can ignore irrelevant regions.
 """
@@ -8,7 +8,7 @@ concatenated, so the decoder can ignore irrelevant regions.
 import torch
 from torch import nn
 
-from unet import Encoder, UpBlock, check_spatial_size, layers
+from unet import UNet, UpBlock, layers
 
 
 class AttentionGate(nn.Module):
@@ -51,7 +51,7 @@ class AttentionUpBlock(UpBlock):
         return self.conv(torch.cat([upsampled, gated_skip], dim=1)), alpha
 
 
-class AttentionUNet(nn.Module):
+class AttentionUNet(UNet):
     """Attention U-Net (Oktay et al. 2018) for 2D images or 3D volumes.
 
     Same layout as ``unet.UNet`` (widths ``f .. 16f``, 4 poolings) with an attention gate on each
@@ -69,7 +69,7 @@ class AttentionUNet(nn.Module):
     ``forward`` returns logits.
     """
 
-    size_divisor = 16
+    up_block = AttentionUpBlock
 
     def __init__(
         self,
@@ -78,20 +78,11 @@ class AttentionUNet(nn.Module):
         init_features: int = 32,
         spatial_dims: int = 2,
     ) -> None:
-        super().__init__()
-        conv, _, _, _ = layers(spatial_dims)
-        self.spatial_dims = spatial_dims
-        self.encoder = Encoder(in_channels, init_features, spatial_dims)
-        widths = self.encoder.widths
-        self.decoders = nn.ModuleList(
-            AttentionUpBlock(widths[level + 1], widths[level], spatial_dims)
-            for level in reversed(range(len(widths) - 1))
-        )
-        self.head = conv(init_features, out_channels, kernel_size=1)
+        super().__init__(in_channels, out_channels, init_features, spatial_dims)
         self.attention_maps: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_spatial_size(x.shape[2:], self.size_divisor, type(self).__name__)
+        self.check_input_size(x)
         *skips, x = self.encoder(x)
         maps = []
         for decoder, skip in zip(self.decoders, reversed(skips), strict=True):

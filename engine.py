@@ -79,7 +79,7 @@ class TrainConfig:
     overlap: float = 0.5  # 3D inference: overlap of the sliding windows
     mirror_tta: bool = False  # 3D inference: average over mirrored inputs
     epochs: int = 100
-    time_budget_minutes: float | None = None  # stop after the epoch that passes this training time
+    time_budget_minutes: float | None = None  # stop training (then validate once more) after this long
     batch_size: int = 16
     lr: float = 1e-4
     aug_scale: float = 0.05
@@ -92,6 +92,7 @@ class TrainConfig:
     compile_model: bool = False  # torch.compile the network
     vis_freq: int = 10  # epochs between overlay images in TensorBoard
     seed: int = 42
+    split_seed: int | None = None  # seed of the train/validation/test split; None: the same as seed
     device: str = "auto"  # auto, cpu, cuda
     resume: bool = True  # continue an interrupted run with the same settings
 
@@ -303,7 +304,8 @@ def train(config: TrainConfig) -> dict:
     seed_everything(config.seed)
     device = select_device(config.device)
     cases, info = load_cases(config)
-    split = split_cases([c.case_id for c in cases], config.validation_cases, config.test_cases, config.seed)
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    split = split_cases([c.case_id for c in cases], config.validation_cases, config.test_cases, split_seed)
     by_id = {case.case_id: case for case in cases}
     train_cases = [by_id[i] for i in split["train"]]
     val_cases = [by_id[i] for i in split["validation"]]
@@ -335,6 +337,7 @@ def train(config: TrainConfig) -> dict:
     logger = Logger(run_dir / "tensorboard")
     step = start_epoch * len(loader)
     trained_seconds = sum(entry["seconds"] for entry in history)
+    budget_seconds = math.inf if config.time_budget_minutes is None else 60 * config.time_budget_minutes
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         model.train()
@@ -356,6 +359,8 @@ def train(config: TrainConfig) -> dict:
             logger.scalar("train/loss", train_losses[-1], step)
             step += 1
             waited = time.perf_counter()
+            if trained_seconds + waited - started >= budget_seconds:
+                break
         train_seconds = time.perf_counter() - started
         val_loss, val_dsc, predictions = validate(model, val_cases, base_loss, info, device, shapes, config)
         logger.scalar("val/loss", val_loss, epoch)
@@ -393,7 +398,7 @@ def train(config: TrainConfig) -> dict:
             f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, val loss {val_loss:.4f}, "
             f"val mean DSC {val_dsc:.4f} ({train_seconds:.0f} s training)"
         )
-        if config.time_budget_minutes is not None and trained_seconds >= 60 * config.time_budget_minutes:
+        if trained_seconds >= budget_seconds:
             print(f"Training time budget of {config.time_budget_minutes} minutes reached")
             break
     logger.close()

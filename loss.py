@@ -103,7 +103,32 @@ def _check_non_negative(owner: str, **values: float) -> None:
             raise ValueError(f"{owner}: {name} must be >= 0, got {value}")
 
 
-class DiceLoss(nn.Module):
+class _OverlapLoss(nn.Module):
+    """1 - mean overlap index over soft true/false positive and false negative counts.
+
+    Dice and Tversky differ only in the index; ``smooth``, ``batch`` and ``include_background``
+    mean the same for both (see :class:`DiceLoss`).
+    """
+
+    def __init__(self, smooth: float, batch: bool, include_background: bool) -> None:
+        super().__init__()
+        self.smooth = smooth
+        self.batch = batch
+        self.include_background = include_background
+
+    def overlap(
+        self, true_pos: torch.Tensor, false_pos: torch.Tensor, false_neg: torch.Tensor
+    ) -> torch.Tensor:
+        """Overlap index in [0, 1] per class (``batch=True``) or per sample and class."""
+        raise NotImplementedError
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        check_logits_and_target(logits, target)
+        true_pos, false_pos, false_neg = _soft_confusion(logits, target, self.include_background, self.batch)
+        return (1.0 - self.overlap(true_pos, false_pos, false_neg)).mean()
+
+
+class DiceLoss(_OverlapLoss):
     """Soft Dice loss, 1 - (2|P∩T| + smooth) / (|P| + |T| + smooth) (Milletari et al. 2016).
 
     ``batch=True`` sums over the whole batch before the ratio, then averages over classes
@@ -113,20 +138,16 @@ class DiceLoss(nn.Module):
     """
 
     def __init__(self, smooth: float = 1.0, batch: bool = True, include_background: bool = False) -> None:
-        super().__init__()
         _check_non_negative("DiceLoss", smooth=smooth)
-        self.smooth = smooth
-        self.batch = batch
-        self.include_background = include_background
+        super().__init__(smooth, batch, include_background)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        check_logits_and_target(logits, target)
-        true_pos, false_pos, false_neg = _soft_confusion(logits, target, self.include_background, self.batch)
-        overlap = (2.0 * true_pos + self.smooth) / (2.0 * true_pos + false_pos + false_neg + self.smooth)
-        return (1.0 - overlap).mean()
+    def overlap(
+        self, true_pos: torch.Tensor, false_pos: torch.Tensor, false_neg: torch.Tensor
+    ) -> torch.Tensor:
+        return (2.0 * true_pos + self.smooth) / (2.0 * true_pos + false_pos + false_neg + self.smooth)
 
 
-class TverskyLoss(nn.Module):
+class TverskyLoss(_OverlapLoss):
     """Tversky loss, 1 - (TP + smooth) / (TP + alpha·FP + beta·FN + smooth) (Salehi et al. 2017).
 
     ``alpha`` weighs false positives and ``beta`` false negatives (MONAI's convention), on soft
@@ -143,21 +164,17 @@ class TverskyLoss(nn.Module):
         batch: bool = True,
         include_background: bool = False,
     ) -> None:
-        super().__init__()
         _check_non_negative("TverskyLoss", alpha=alpha, beta=beta, smooth=smooth)
+        super().__init__(smooth, batch, include_background)
         self.alpha = alpha
         self.beta = beta
-        self.smooth = smooth
-        self.batch = batch
-        self.include_background = include_background
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        check_logits_and_target(logits, target)
-        true_pos, false_pos, false_neg = _soft_confusion(logits, target, self.include_background, self.batch)
-        index = (true_pos + self.smooth) / (
+    def overlap(
+        self, true_pos: torch.Tensor, false_pos: torch.Tensor, false_neg: torch.Tensor
+    ) -> torch.Tensor:
+        return (true_pos + self.smooth) / (
             true_pos + self.alpha * false_pos + self.beta * false_neg + self.smooth
         )
-        return (1.0 - index).mean()
 
 
 class CrossEntropyLoss(nn.Module):

@@ -488,26 +488,47 @@ def ensure_demo_data(data_dir: str | Path = DEMO_DATA_DIR) -> Path:
     return data_dir
 
 
-def _run_kaggle_3m(args: argparse.Namespace) -> int:
-    target = Path(args.out) / KAGGLE_3M_FOLDER
+def _generate_unless_present(target: Path, generate: Callable[[], Path], description: str) -> int:
+    """What every dataset subcommand does: skip a non-empty target folder, else generate it and say where."""
     if target.is_dir() and any(target.iterdir()):
         print(f"{target} already exists; skipping")
         return 0
-    path = make_kaggle_3m(args.out, args.patients, tuple(args.slices), args.size, args.seed)
-    print(f"wrote synthetic kaggle_3m ({args.patients} patients) to {path}")
+    path = generate()
+    print(f"wrote {description} to {path}")
     return 0
 
 
+def _add_dataset_parser(
+    commands: argparse._SubParsersAction,
+    name: str,
+    description: str,
+    folder: str,
+    run: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """Subcommand ``name`` with the options every dataset takes: --out (where ``folder`` goes) and --seed."""
+    parser = commands.add_parser(name, help=description)
+    parser.add_argument("--out", default="data", help=f"folder to write {folder} into (default: data)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _run_kaggle_3m(args: argparse.Namespace) -> int:
+    return _generate_unless_present(
+        Path(args.out) / KAGGLE_3M_FOLDER,
+        lambda: make_kaggle_3m(args.out, args.patients, tuple(args.slices), args.size, args.seed),
+        f"synthetic kaggle_3m ({args.patients} patients)",
+    )
+
+
 def _add_kaggle_3m_command(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("kaggle_3m", help="synthetic brain-MRI LGG set in the kaggle_3m layout")
-    parser.add_argument("--out", default="data", help="folder to write kaggle_3m into (default: data)")
+    description = "synthetic brain-MRI LGG set in the kaggle_3m layout"
+    parser = _add_dataset_parser(commands, "kaggle_3m", description, "kaggle_3m", _run_kaggle_3m)
     parser.add_argument("--patients", type=int, default=20, help="number of patients (default: 20)")
     parser.add_argument(
         "--slices", type=int, nargs=2, default=[20, 30], metavar=("MIN", "MAX"), help="slices per patient"
     )
     parser.add_argument("--size", type=int, default=256, help="image height and width (default: 256)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.set_defaults(run=_run_kaggle_3m)
 
 
 def _write_atomically(out_dir: str | Path, folder: str, write: Callable[[Path], None]) -> Path:
@@ -946,47 +967,37 @@ def make_decathlon(
 
 
 def _run_luna(args: argparse.Namespace) -> int:
-    target = Path(args.out) / LUNA_FOLDER
-    if target.is_dir() and any(target.iterdir()):
-        print(f"{target} already exists; skipping")
-        return 0
-    path = make_luna(args.out, args.cases, tuple(args.shape), seed=args.seed)
-    print(f"wrote synthetic LUNA16 ({args.cases} cases) to {path}")
-    return 0
+    return _generate_unless_present(
+        Path(args.out) / LUNA_FOLDER,
+        lambda: make_luna(args.out, args.cases, tuple(args.shape), seed=args.seed),
+        f"synthetic LUNA16 ({args.cases} cases)",
+    )
 
 
 def _add_luna_command(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("luna", help="synthetic chest CT with lung masks in the LUNA16 layout")
-    parser.add_argument("--out", default="data", help="folder to write luna16 into (default: data)")
+    description = "synthetic chest CT with lung masks in the LUNA16 layout"
+    parser = _add_dataset_parser(commands, "luna", description, "luna16", _run_luna)
     parser.add_argument("--cases", type=int, default=4, help="number of CT scans (default: 4)")
     parser.add_argument(
         "--shape", type=int, nargs=3, default=[48, 96, 96], metavar=("Z", "Y", "X"), help="voxels per scan"
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.set_defaults(run=_run_luna)
 
 
 def _run_msd(args: argparse.Namespace) -> int:
-    target = Path(args.out) / args.task
-    if target.is_dir() and any(target.iterdir()):
-        print(f"{target} already exists; skipping")
-        return 0
-    path = make_decathlon(args.out, args.cases, args.seed, args.task)
-    print(f"wrote synthetic {args.task} ({args.cases} training cases + 1 test case) to {path}")
-    return 0
+    return _generate_unless_present(
+        Path(args.out) / args.task,
+        lambda: make_decathlon(args.out, args.cases, args.seed, args.task),
+        f"synthetic {args.task} ({args.cases} training cases + 1 test case)",
+    )
 
 
 def _add_msd_command(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "msd", help="synthetic hippocampus MRI in the Medical Segmentation Decathlon layout"
-    )
-    parser.add_argument("--out", default="data", help="folder to write the task folder into (default: data)")
+    description = "synthetic hippocampus MRI in the Medical Segmentation Decathlon layout"
+    parser = _add_dataset_parser(commands, "msd", description, "the task folder", _run_msd)
     parser.add_argument("--cases", type=int, default=6, help="number of training cases (default: 6)")
     parser.add_argument(
         "--task", default=DECATHLON_TASK, help=f"task folder name (default: {DECATHLON_TASK})"
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.set_defaults(run=_run_msd)
 
 
 DATASET_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [

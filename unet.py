@@ -2,8 +2,8 @@
 
 The 2D network follows the reference course U-Net (Ronneberger et al. 2015, as written in
 Buda et al.'s brain-segmentation-pytorch); with ``spatial_dims=3`` the same class is the 3D U-Net
-of Çiçek et al. 2016. ``attention_unet.py`` and ``unet_pp.py`` build on ``ConvBlock``,
-``Encoder`` and ``UpBlock`` from here.
+of Çiçek et al. 2016. ``attention_unet.py`` and ``unet_pp.py`` build on ``UNetBase``,
+``ConvBlock`` and ``UpBlock`` from here.
 """
 
 from collections.abc import Sequence
@@ -94,7 +94,30 @@ class UpBlock(nn.Module):
         return self.conv(torch.cat([self.up(x), skip], dim=1))
 
 
-class UNet(nn.Module):
+class UNetBase(nn.Module):
+    """What the U-Net family shares: ``spatial_dims``, the five-level :class:`Encoder` (four
+    poolings, so every spatial size must be divisible by ``size_divisor`` = 16), 1x1 output
+    convolutions and the input size check.
+    """
+
+    size_divisor = 16
+
+    def __init__(self, in_channels: int, init_features: int, spatial_dims: int) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.encoder = Encoder(in_channels, init_features, spatial_dims)
+
+    def output_conv(self, out_channels: int) -> nn.Module:
+        """A 1x1 convolution from the finest level's features to ``out_channels`` logits."""
+        conv, _, _, _ = layers(self.spatial_dims)
+        return conv(self.encoder.widths[0], out_channels, kernel_size=1)
+
+    def check_input_size(self, x: torch.Tensor) -> None:
+        """Raise ValueError, naming the network and the shape to pad to, unless x fits the pooling."""
+        check_spatial_size(x.shape[2:], self.size_divisor, type(self).__name__)
+
+
+class UNet(UNetBase):
     """U-Net (Ronneberger et al. 2015; 3D U-Net of Çiçek et al. 2016 with ``spatial_dims=3``).
 
     Four encoder levels with ``f, 2f, 4f, 8f`` features (``f = init_features``), a ``16f``
@@ -107,9 +130,10 @@ class UNet(nn.Module):
         spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W).
 
     Every spatial size must be divisible by ``size_divisor`` (16). ``forward`` returns logits.
+    ``up_block`` is the decoder step; ``AttentionUNet`` swaps in one with a gated skip.
     """
 
-    size_divisor = 16
+    up_block: type[UpBlock] = UpBlock
 
     def __init__(
         self,
@@ -118,19 +142,16 @@ class UNet(nn.Module):
         init_features: int = 32,
         spatial_dims: int = 2,
     ) -> None:
-        super().__init__()
-        conv, _, _, _ = layers(spatial_dims)
-        self.spatial_dims = spatial_dims
-        self.encoder = Encoder(in_channels, init_features, spatial_dims)
+        super().__init__(in_channels, init_features, spatial_dims)
         widths = self.encoder.widths
         self.decoders = nn.ModuleList(
-            UpBlock(widths[level + 1], widths[level], spatial_dims)
+            self.up_block(widths[level + 1], widths[level], spatial_dims)
             for level in reversed(range(len(widths) - 1))
         )
-        self.head = conv(init_features, out_channels, kernel_size=1)
+        self.head = self.output_conv(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_spatial_size(x.shape[2:], self.size_divisor, type(self).__name__)
+        self.check_input_size(x)
         *skips, x = self.encoder(x)
         for decoder, skip in zip(self.decoders, reversed(skips), strict=True):
             x = decoder(x, skip)

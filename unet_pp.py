@@ -10,12 +10,12 @@ transposed-conv upsampling of ``X[i+1, j-1]`` (as in the authors' implementation
 import torch
 from torch import nn
 
-from unet import ConvBlock, Encoder, check_spatial_size, layers
+from unet import ConvBlock, UNetBase, layers
 
-MAX_DEPTH = 4
+MAX_DEPTH = 4  # one column per pooling of the backbone
 
 
-class UNetPlusPlus(nn.Module):
+class UNetPlusPlus(UNetBase):
     """UNet++ (Zhou et al. 2018) for 2D images or 3D volumes.
 
     Args:
@@ -34,8 +34,6 @@ class UNetPlusPlus(nn.Module):
     ``size_divisor`` (16).
     """
 
-    size_divisor = 16
-
     def __init__(
         self,
         in_channels: int = 3,
@@ -45,12 +43,10 @@ class UNetPlusPlus(nn.Module):
         deep_supervision: bool = False,
         inference_depth: int = MAX_DEPTH,
     ) -> None:
-        super().__init__()
-        conv, conv_transpose, _, _ = layers(spatial_dims)
-        self.spatial_dims = spatial_dims
+        super().__init__(in_channels, init_features, spatial_dims)
+        _, conv_transpose, _, _ = layers(spatial_dims)
         self.deep_supervision = deep_supervision
         self.inference_depth = inference_depth
-        self.encoder = Encoder(in_channels, init_features, spatial_dims, levels=MAX_DEPTH + 1)
         widths = self.encoder.widths
         self.upsamples = nn.ModuleDict()
         self.nodes = nn.ModuleDict()
@@ -61,7 +57,7 @@ class UNetPlusPlus(nn.Module):
             self.nodes[_key(level, column)] = ConvBlock(
                 (column + 1) * widths[level], widths[level], spatial_dims
             )
-        self.heads = nn.ModuleList(conv(init_features, out_channels, kernel_size=1) for _ in range(MAX_DEPTH))
+        self.heads = nn.ModuleList(self.output_conv(out_channels) for _ in range(MAX_DEPTH))
 
     @property
     def inference_depth(self) -> int:
@@ -79,7 +75,7 @@ class UNetPlusPlus(nn.Module):
         return [(level, column) for column in range(1, depth + 1) for level in range(depth - column + 1)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        check_spatial_size(x.shape[2:], self.size_divisor, type(self).__name__)
+        self.check_input_size(x)
         supervise_all = self.training and self.deep_supervision
         depth = MAX_DEPTH if supervise_all else self.inference_depth
         grid = {(level, 0): feature for level, feature in enumerate(self.encoder(x, depth))}

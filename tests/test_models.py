@@ -1,5 +1,8 @@
+import re
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attention_unet import AttentionUNet
@@ -8,14 +11,7 @@ from unet import UNet
 from unet_pp import UNetPlusPlus
 from vnet import VNet
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors run many times faster on one thread than on two contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 EXPECTED = {
@@ -25,6 +21,50 @@ EXPECTED = {
     "unet_pp": (UNetPlusPlus, 2),
     "vnet": (VNet, 3),
 }
+NETWORKS_2D = [UNet, AttentionUNet, UNetPlusPlus]
+NETWORKS_3D = [UNet, AttentionUNet, UNetPlusPlus, VNet]
+
+
+def network_3d(network_class: type[nn.Module], **options) -> nn.Module:
+    """A 3D instance: VNet is 3D only, the U-Net family takes ``spatial_dims=3``."""
+    if network_class is VNet:
+        return VNet(**options)
+    return network_class(spatial_dims=3, **options)
+
+
+def blob_batch(batch: int, spatial: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth random blobs: the target is where a low-resolution noise field is positive."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(batch, 1, *(size // 8 for size in spatial), generator=generator)
+    mode = "bilinear" if len(spatial) == 2 else "trilinear"
+    field = F.interpolate(coarse, size=spatial, mode=mode, align_corners=False)
+    target = (field > 0).float()
+    image = field + 0.3 * torch.randn(field.shape, generator=generator)
+    return image, target
+
+
+def overfit_losses(
+    model: nn.Module, image: torch.Tensor, target: torch.Tensor, lr: float, steps: int = 60
+) -> list[float]:
+    """BCE losses of Adam steps on one batch, stopping once a loss is below 0.3 of the first.
+
+    A model that returns a list of logits (deep supervision) is scored by the mean BCE of its outputs.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        outputs = model(image)
+        if isinstance(outputs, torch.Tensor):
+            loss = F.binary_cross_entropy_with_logits(outputs, target)
+        else:
+            loss = sum(F.binary_cross_entropy_with_logits(o, target) for o in outputs) / len(outputs)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if losses[-1] < 0.3 * losses[0]:
+            break
+    return losses
 
 
 def test_registry_holds_exactly_the_five_networks():
@@ -78,3 +118,57 @@ def test_count_parameters_skips_frozen_parameters():
 
 def test_count_parameters_of_default_unet_matches_reference():
     assert count_parameters(build_model("unet", 3, 1)) == 7_763_041
+
+
+@pytest.mark.parametrize("network_class", NETWORKS_2D)
+@pytest.mark.parametrize("spatial", [(32, 32), (48, 64)])
+def test_2d_networks_return_logits_of_input_size(network_class, spatial):
+    model = network_class(in_channels=3, out_channels=2, init_features=4)
+    assert model.spatial_dims == 2 and model.size_divisor == 16
+    assert model(torch.randn(2, 3, *spatial)).shape == (2, 2, *spatial)
+
+
+@pytest.mark.parametrize("network_class", NETWORKS_3D)
+@pytest.mark.parametrize("spatial", [(16, 16, 16), (32, 16, 32)])
+def test_3d_networks_return_logits_of_input_size(network_class, spatial):
+    model = network_3d(network_class, in_channels=1, out_channels=3, init_features=4).eval()
+    assert model.spatial_dims == 3 and model.size_divisor == 16
+    assert model(torch.randn(1, 1, *spatial)).shape == (1, 3, *spatial)
+
+
+@pytest.mark.parametrize(
+    ("network_class", "spatial", "padded"),
+    [
+        (UNet, (40, 32), (48, 32)),
+        (AttentionUNet, (20, 64), (32, 64)),
+        (UNetPlusPlus, (32, 33), (32, 48)),
+        (VNet, (16, 24, 16), (16, 32, 16)),
+    ],
+)
+def test_networks_reject_size_not_divisible_by_16_naming_themselves_and_the_shape_to_pad_to(
+    network_class, spatial, padded
+):
+    model = network_class(in_channels=1, out_channels=1, init_features=4)
+    message = (
+        f"{network_class.__name__} needs every spatial size divisible by 16, got {spatial}; pad to {padded}"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model(torch.randn(1, 1, *spatial))
+
+
+@pytest.mark.parametrize(
+    ("network_class", "options", "spatial", "lr"),
+    [
+        pytest.param(UNet, {}, (32, 32), 3e-2, id="unet_2d"),
+        pytest.param(UNet, {"spatial_dims": 3}, (16, 16, 16), 3e-2, id="unet_3d"),
+        pytest.param(AttentionUNet, {}, (32, 32), 3e-2, id="attention_unet"),
+        pytest.param(UNetPlusPlus, {"deep_supervision": True}, (32, 32), 3e-2, id="unet_pp_deep_supervision"),
+        pytest.param(VNet, {}, (16, 16, 16), 1e-2, id="vnet"),
+    ],
+)
+def test_networks_overfit_one_blob_batch(network_class, options, spatial, lr):
+    torch.manual_seed(0)
+    image, target = blob_batch(2, spatial)
+    model = network_class(in_channels=1, out_channels=1, init_features=4, **options)
+    losses = overfit_losses(model, image, target, lr=lr)
+    assert losses[-1] < 0.3 * losses[0]

@@ -1,0 +1,288 @@
+"""Benchmark networks and losses for a fixed training budget, each in its own process.
+
+Two suites. `hippocampus`: the real MSD Task04 data, one seeded split by case: 52 test cases (20%, written to
+benchmarks/split.json, touched only for the final numbers), 20 validation cases (choose the best epoch) and
+188 training cases. `brain`: the generated demo kaggle_3m set (synthetic), split as the demo (4 validation,
+4 test patients). Each configuration trains for `--budget` minutes of training time on this machine, then its
+best weights predict the test cases. Records go to benchmarks/results.json (hippocampus) or
+benchmarks/brain_results.json, one per configuration, seed and budget (replaced when re-run), and a
+markdown table beside them (.md). The `unet2d_*` speed variants (workers, channels-last, bfloat16
+autocast, torch.compile) differ from `unet2d` in that one option only.
+
+    .venv/bin/python benchmarks/run.py --budget 5 --configs unet2d unet3d
+    .venv/bin/python benchmarks/run.py --suite brain --budget 3
+    .venv/bin/python benchmarks/run.py --quick --cases 10 --budget 0.02   # a smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dataset import split_cases  # noqa: E402
+from engine import TrainConfig, evaluate, train  # noqa: E402
+from synthetic import make_kaggle_3m  # noqa: E402
+from volumes import find_decathlon_cases  # noqa: E402
+
+SPLIT = REPO / "benchmarks" / "split.json"
+NNUNET = {"Anterior": 0.90, "Posterior": 0.89}  # Isensee et al. 2021, as quoted in the data README
+UNET2D = {"model": "unet", "init_features": 16, "batch_size": 32}
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A data set, its fixed split rule, the settings every configuration shares, and the configurations."""
+
+    data: Path
+    results: Path
+    classes: tuple[str, ...]
+    common: dict
+    configs: dict[str, dict]
+
+
+SUITES = {
+    "hippocampus": Suite(
+        data=REPO.parent / "shared" / "data" / "msd-hippocampus",
+        results=REPO / "benchmarks" / "results.json",
+        classes=("Anterior", "Posterior"),
+        common={"dataset": "msd", "lr": 1e-3, "loss": "dice_ce", "vis_freq": 1000, "aug_angle": 10.0},
+        configs={
+            "unet2d": UNET2D,
+            "attention_unet2d": {**UNET2D, "model": "attention_unet"},
+            "unet_pp2d_ds": {**UNET2D, "model": "unet_pp", "model_options": {"deep_supervision": True}},
+            "unet3d": {"model": "unet3d", "init_features": 16, "batch_size": 4, "patches_per_epoch": 100},
+            "vnet": {"model": "vnet", "init_features": 8, "batch_size": 4, "patches_per_epoch": 100},
+            "unet2d_dice": {**UNET2D, "loss": "dice"},
+            "unet2d_dice_focal": {**UNET2D, "loss": "dice_focal"},
+            "unet2d_tversky": {**UNET2D, "loss": "tversky"},
+            "unet2d_workers2": {**UNET2D, "num_workers": 2},
+            "unet2d_channels_last": {**UNET2D, "channels_last": True},
+            "unet2d_amp_bf16": {**UNET2D, "amp": True},
+            "unet2d_compile": {**UNET2D, "compile_model": True},
+        },
+    ),
+    "brain": Suite(
+        data=REPO / "data" / "kaggle_3m",
+        results=REPO / "benchmarks" / "brain_results.json",
+        classes=("tumour",),
+        common={"dataset": "kaggle_3m", "image_size": 128, "init_features": 16, "lr": 1e-3, "vis_freq": 1000},
+        configs={
+            "unet": {"model": "unet"},
+            "attention_unet": {"model": "attention_unet"},
+            "unet_pp": {"model": "unet_pp"},
+            "unet_pp_ds": {"model": "unet_pp", "model_options": {"deep_supervision": True}},
+            "unet_dice_bce": {"model": "unet", "loss": "dice_bce"},
+            "unet_dice_focal": {"model": "unet", "loss": "dice_focal"},
+            "unet_tversky": {"model": "unet", "loss": "tversky"},
+        },
+    ),
+}
+
+
+def columns(suite: Suite) -> list[tuple[str, str]]:
+    """The table's (record key, title) pairs."""
+    per_class = [(f"dsc_{name.lower()}", f"DSC {name.lower()}") for name in suite.classes]
+    return [
+        ("config", "configuration"),
+        ("seed", "seed"),
+        ("budget_minutes", "budget (min)"),
+        ("epochs", "epochs"),
+        ("best_val_dsc", "best val DSC"),
+        *per_class,
+        ("dsc_mean", "test DSC mean"),
+        ("dsc_mean_lcc", "test DSC mean (LCC)"),
+        ("hd95_mean", "HD95"),
+        ("hd95_mean_lcc", "HD95 (LCC)"),
+        *([("gap_to_nnunet", "gap to nnU-Net")] if suite.classes == tuple(NNUNET) else []),
+        ("samples_per_second", "train samples/s"),
+        ("data_wait_share", "data wait"),
+        ("inference_seconds_per_volume", "inference s/volume"),
+        ("peak_rss_mb", "peak RSS (MB)"),
+    ]
+
+
+def commit() -> str:
+    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def split_counts(suite_name: str, data_dir: Path) -> tuple[int, int]:
+    """(validation, test) case counts: the hippocampus rule (20 and 20%) or the brain demo's (4 and 4)."""
+    if suite_name == "brain":
+        return 4, 4
+    count = sum(case.label_path is not None for case in find_decathlon_cases(data_dir))
+    return min(20, max(1, count // 5)), round(0.2 * count)
+
+
+def first_cases(data_dir: Path, count: int, folder: Path) -> Path:
+    """A Decathlon folder linking to the first `count` labelled cases, for a quick run (nothing copied)."""
+    description = json.loads((data_dir / "dataset.json").read_text())
+    description["training"] = description["training"][:count]
+    description["test"] = []
+    for entry in description["training"]:
+        for key in ("image", "label"):
+            link = folder / entry[key]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to((data_dir / entry[key]).resolve())
+    (folder / "dataset.json").write_text(json.dumps(description))
+    return folder
+
+
+def summarise(suite: Suite, rows: list[dict], history: list[dict]) -> dict:
+    """Test metrics per class and mean, with and without largest-component post-processing, and speed."""
+
+    def mean(column: str) -> float:
+        return float(np.nanmean([row[column] for row in rows]))
+
+    train_seconds = sum(entry["seconds"] for entry in history)
+    summary = {f"dsc_{name.lower()}": mean(f"dsc_{name}") for name in suite.classes}
+    summary |= {f"dsc_{name.lower()}_lcc": mean(f"dsc_{name}_lcc") for name in suite.classes}
+    summary |= {"dsc_mean": mean("dsc_mean"), "dsc_mean_lcc": mean("dsc_mean_lcc")}
+    summary["hd95_mean"] = float(np.mean([mean(f"hd95_{name}") for name in suite.classes]))
+    summary["hd95_mean_lcc"] = float(np.mean([mean(f"hd95_{name}_lcc") for name in suite.classes]))
+    if suite.classes == tuple(NNUNET):
+        summary["gap_to_nnunet"] = float(np.mean(list(NNUNET.values()))) - summary["dsc_mean"]
+    summary["best_val_dsc"] = max(entry["val_mean_dsc"] for entry in history)
+    summary["samples_per_second"] = (
+        sum(e["samples_per_second"] * e["seconds"] for e in history) / train_seconds
+    )
+    summary["data_wait_share"] = sum(entry["data_seconds"] for entry in history) / train_seconds
+    summary["inference_seconds_per_volume"] = mean("seconds")
+    summary["test_cases"] = len(rows)
+    return summary
+
+
+def run_one(
+    suite_name: str, name: str, seed: int, budget: float, data_dir: Path, runs: Path, quick: bool
+) -> dict:
+    """Train and test one configuration in this process; the record for the results file."""
+    suite = SUITES[suite_name]
+    validation, test = split_counts(suite_name, data_dir)
+    settings = {**suite.common, **suite.configs[name], "data_dir": str(data_dir), "runs_dir": str(runs)}
+    settings |= {"run_name": f"{suite_name}-{name}-seed{seed}", "seed": seed, "resume": False}
+    settings |= {
+        "validation_cases": validation,
+        "test_cases": test,
+        "epochs": 1000,
+        "time_budget_minutes": budget,
+    }
+    if quick:
+        settings |= {"epochs": 1, "patches_per_epoch": 4, "batch_size": 2}
+    result = train(TrainConfig(**settings))
+    fixed = json.loads(SPLIT.read_text())["test"] if SPLIT.exists() else None
+    if suite_name == "hippocampus" and not quick and result["split"]["test"] != fixed:
+        raise RuntimeError("the run's test cases differ from benchmarks/split.json")
+    rows = evaluate(Path(runs) / settings["run_name"], subsets=["test"])["rows"]
+    record = {"config": name, "seed": seed, "budget_minutes": budget, "epochs": len(result["history"])}
+    record |= summarise(suite, rows, result["history"])
+    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    record |= {"settings": settings, "commit": commit(), "device": device_name(), "torch": torch.__version__}
+    record["date"] = datetime.date.today().isoformat()
+    return record
+
+
+def markdown(suite: Suite, records: list[dict]) -> str:
+    """The results as a markdown table, one row per configuration and seed."""
+    keys = columns(suite)
+    lines = ["| " + " | ".join(title for _, title in keys) + " |", "|" + "---|" * len(keys)]
+    for record in records:
+        cells = []
+        for key, _ in keys:
+            value = record[key]
+            if key == "data_wait_share":
+                cells.append(f"{100 * value:.1f}%")
+            elif key == "budget_minutes":
+                cells.append(f"{value:g}")
+            elif isinstance(value, float):
+                cells.append(f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--suite", choices=list(SUITES), default="hippocampus")
+    parser.add_argument("--data", type=Path, help="the data folder (default: the suite's)")
+    parser.add_argument("--configs", nargs="+", help="configurations to run (default: all of the suite's)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--budget", type=float, default=5.0, help="training minutes per configuration")
+    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "benchmarks")
+    parser.add_argument("--results", type=Path, help="results file (default: the suite's)")
+    parser.add_argument("--quick", action="store_true", help="one tiny epoch per configuration")
+    parser.add_argument("--cases", type=int, help="use only the first N labelled cases (a smoke check)")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    suite = SUITES[args.suite]
+    data = args.data or suite.data
+    results = args.results or suite.results
+    configs = args.configs or list(suite.configs)
+    unknown = sorted(set(configs) - set(suite.configs))
+    if unknown:
+        parser.error(f"unknown configurations {unknown} for suite {args.suite}: {list(suite.configs)}")
+    if args.suite == "brain" and data == suite.data and not data.exists():
+        make_kaggle_3m(data.parent, n_patients=24, seed=0)
+    if args.suite == "hippocampus" and not (data / "dataset.json").is_file():
+        print(
+            f"{data} is not the MSD hippocampus folder (no dataset.json): the benchmark needs the real "
+            "data in ../shared/data/msd-hippocampus, or pass --data",
+            file=sys.stderr,
+        )
+        return 2
+    if args.one:
+        (name,), (seed,) = configs, args.seeds
+        print(
+            "RECORD " + json.dumps(run_one(args.suite, name, seed, args.budget, data, args.runs, args.quick))
+        )
+        return 0
+    if args.cases:
+        data = first_cases(data, args.cases, Path(tempfile.mkdtemp(prefix="hippocampus-")))
+    elif args.suite == "hippocampus" and results == suite.results:
+        ids = [case.case_id for case in find_decathlon_cases(data) if case.label_path is not None]
+        test = split_cases(ids, *split_counts(args.suite, data), seed=0)["test"]
+        SPLIT.write_text(json.dumps({"seed": 0, "test": test}, indent=1) + "\n")
+    records = json.loads(results.read_text()) if results.exists() else []
+    for name in configs:
+        for seed in args.seeds:
+            command = [sys.executable, __file__, "--one", "--suite", args.suite, "--configs", name]
+            command += ["--seeds", str(seed), "--budget", str(args.budget), "--data", str(data)]
+            command += ["--runs", str(args.runs), *(["--quick"] if args.quick else [])]
+            with tempfile.TemporaryFile("w+") as log:
+                subprocess.run(command, check=True, stdout=log, cwd=REPO)
+                log.seek(0)
+                line = next(line for line in log if line.startswith("RECORD "))
+            record = json.loads(line.removeprefix("RECORD "))
+            key = (name, seed, args.budget)
+            records = [r for r in records if (r["config"], r["seed"], r["budget_minutes"]) != key] + [record]
+            results.write_text(json.dumps(records, indent=1) + "\n")
+            results.with_suffix(".md").write_text(markdown(suite, records) + "\n")
+            print(f"{name} seed {seed}: test mean DSC {record['dsc_mean']:.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
