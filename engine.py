@@ -82,13 +82,14 @@ class TrainConfig:
     time_budget_minutes: float | None = None  # stop training (then validate once more) after this long
     batch_size: int = 16
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant, or poly: lr × (1 - progress)^0.9 as nnU-Net
     aug_scale: float = 0.05
     aug_angle: float = 15.0
     aug_flip: float = 0.5
     aug_intensity: float = 0.0  # random per-channel gain and shift (0: off)
     num_workers: int = 0
     amp: bool = False  # automatic mixed precision: bfloat16 on CPU, float16 on CUDA
-    channels_last: bool = False
+    channels_last: bool = True  # measured faster on CPU for the 2D U-Net (report.md)
     compile_model: bool = False  # torch.compile the network
     vis_freq: int = 10  # epochs between overlay images in TensorBoard
     seed: int = 42
@@ -271,6 +272,15 @@ def training_data(cases: Sequence[Case], config: TrainConfig, spatial_dims: int,
     )
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, progress: float) -> None:
+    """The scheduled learning rate for a share `progress` of the training (epochs or time budget) done."""
+    if config.lr_schedule not in ("constant", "poly"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'poly', got {config.lr_schedule!r}")
+    factor = (1 - min(progress, 1.0)) ** 0.9 if config.lr_schedule == "poly" else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * factor
+
+
 def _settings(config: TrainConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE}
 
@@ -348,6 +358,8 @@ def train(config: TrainConfig) -> dict:
             images, labels = images.to(device), labels.to(device)
             if config.channels_last:
                 images = images.contiguous(memory_format=layout)
+            progress = max(epoch / config.epochs, (trained_seconds + waited - started) / budget_seconds)
+            set_learning_rate(optimizer, config, progress)
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, config.amp):
                 loss = criterion(step_model(images), labels)

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from engine import TrainConfig, evaluate, train
+from engine import TrainConfig, evaluate, set_learning_rate, train
 from synthetic import make_decathlon, make_luna
 from utils import read_metrics_csv
 from volumes import read_volume
@@ -98,3 +99,16 @@ def test_the_time_budget_stops_training_within_the_epoch_that_passes_it(tmp_path
     config = tiny(tmp_path, dataset="msd", data_dir=str(hippocampus), epochs=5, time_budget_minutes=1e-4)
     (epoch,) = train(config)["history"]
     assert epoch["samples_per_second"] * epoch["seconds"] == pytest.approx(config.batch_size)
+
+
+def test_the_poly_schedule_decays_the_learning_rate_and_constant_keeps_it():
+    optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)
+    poly = TrainConfig(lr=1e-3, lr_schedule="poly")
+    set_learning_rate(optimizer, poly, 0.5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**0.9)
+    set_learning_rate(optimizer, poly, 1.2)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    set_learning_rate(optimizer, TrainConfig(lr=1e-3), 0.7)
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+    with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'poly'"):
+        set_learning_rate(optimizer, TrainConfig(lr_schedule="cosine"), 0.1)

@@ -1,0 +1,59 @@
+"""The benchmark runner on a few real hippocampus cases, and the report's tables against its results."""
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import run  # noqa: E402
+
+HIPPOCAMPUS = REPO.parent / "shared" / "data" / "msd-hippocampus"
+needs_real_data = pytest.mark.skipif(
+    not (HIPPOCAMPUS / "dataset.json").is_file(),
+    reason=f"the real MSD hippocampus data is not at {HIPPOCAMPUS} (it is in CI, not in a user's clone)",
+)
+
+
+@needs_real_data
+def test_the_runner_completes_a_tiny_configuration_with_every_field_plausible(tmp_path):
+    results = tmp_path / "results.json"
+    arguments = ["--quick", "--cases", "10", "--configs", "unet2d", "unet3d", "--budget", "0.02"]
+    assert run.main([*arguments, "--results", str(results), "--runs", str(tmp_path / "runs")]) == 0
+    records = json.loads(results.read_text())
+    assert [record["config"] for record in records] == ["unet2d", "unet3d"]
+    for record in records:
+        for key, _ in run.columns(run.SUITES["hippocampus"]):
+            assert key in record, key
+        for key in ("dsc_anterior", "dsc_posterior", "dsc_mean", "dsc_mean_lcc"):
+            assert 0.0 <= record[key] <= 1.0, key
+        for key in ("samples_per_second", "inference_seconds_per_volume", "peak_rss_mb"):
+            assert record[key] > 0, key
+        assert 0.0 <= record["data_wait_share"] < 1.0
+        assert record["test_cases"] == 2
+        assert record["torch"] and record["device"] and record["commit"]
+        assert math.isclose(record["gap_to_nnunet"], 0.895 - record["dsc_mean"])
+    assert (tmp_path / "results.md").read_text().count("\n") == 4
+
+
+def test_a_missing_data_folder_is_refused_with_a_clear_message(tmp_path, capsys):
+    assert run.main(["--data", str(tmp_path)]) == 2
+    assert "is not the MSD hippocampus folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("suite", "marker"), [("hippocampus", "results table"), ("brain", "brain results table")]
+)
+def test_the_report_tables_match_the_benchmark_results(suite, marker):
+    records = json.loads(run.SUITES[suite].results.read_text())
+    report = (REPO / "report.md").read_text()
+    match = re.search(f"<!-- {marker} -->\n(.*?)\n<!-- end {marker} -->", report, re.S)
+    assert match, f"report.md has no {marker} between its markers"
+    table = run.markdown(run.SUITES[suite], records)
+    assert match.group(1).strip() == table
+    assert run.SUITES[suite].results.with_suffix(".md").read_text().strip() == table
