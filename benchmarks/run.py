@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from model_speed import cpu_name  # noqa: E402
 
 from dataset import split_cases  # noqa: E402
 from engine import TrainConfig, evaluate, train  # noqa: E402
@@ -138,7 +139,7 @@ def commit() -> str:
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"CPU {cpu_name()}, {torch.get_num_threads()} threads"
 
 
 def split_counts(suite_name: str, data_dir: Path) -> tuple[int, int]:
