@@ -77,7 +77,7 @@ class TrainConfig:
     patches_per_epoch: int = 250  # 3D networks: patches drawn per epoch
     foreground_ratio: float = 0.33  # 3D networks: share of patches centred on foreground
     overlap: float = 0.5  # 3D inference: overlap of the sliding windows
-    mirror_tta: bool = False  # 3D inference: average over mirrored inputs
+    mirror_tta: bool = False  # inference: average over the flips of aug_flip_axes (not in validation)
     epochs: int = 100
     time_budget_minutes: float | None = None  # stop training (then validate once more) after this long
     batch_size: int = 16
@@ -86,6 +86,7 @@ class TrainConfig:
     aug_scale: float = 0.05
     aug_angle: float = 15.0
     aug_flip: float = 0.5
+    aug_flip_axes: list = dataclasses.field(default_factory=lambda: [-1])  # input axes mirrored (-1: width)
     aug_intensity: float = 0.0  # random per-channel gain and shift (0: off)
     num_workers: int = 0
     amp: bool = False  # automatic mixed precision: bfloat16 on CPU, float16 on CUDA
@@ -186,10 +187,12 @@ def predict_case(
     """Logits (K, D, H, W) on the CPU for a (C, D, H, W) volume.
 
     2D networks: slice by slice along config.slice_axis, each slice padded to the network's divisor.
-    3D networks: Gaussian-weighted sliding windows of shapes["patch_size"] (optionally mirrored).
+    3D networks: Gaussian-weighted sliding windows of shapes["patch_size"]. With config.mirror_tta
+    the logits are averaged over every flip of the axes training mirrors (config.aug_flip_axes).
     """
     model.eval()
     volume = torch.from_numpy(np.ascontiguousarray(image))
+    mirror = config.aug_flip_axes if config.mirror_tta else False
     with _autocast(device, config.amp):
         if model.spatial_dims == 3:
             return sliding_window_inference(
@@ -198,12 +201,12 @@ def predict_case(
                 shapes["patch_size"],
                 overlap=config.overlap,
                 batch_size=config.batch_size,
-                mirror=config.mirror_tta,
+                mirror=mirror,
                 device=device,
             )
         slices = volume.movedim(config.slice_axis + 1, 0)
         outputs = [
-            predict_padded(model, slices[start : start + config.batch_size].to(device)).float().cpu()
+            predict_padded(model, slices[start : start + config.batch_size].to(device), mirror)
             for start in range(0, slices.shape[0], config.batch_size)
         ]
     return torch.cat(outputs).movedim(0, config.slice_axis + 1)
@@ -218,7 +221,11 @@ def validate(
     shapes: dict,
     config: TrainConfig,
 ) -> tuple[float, float, dict[str, np.ndarray]]:
-    """Mean validation loss, mean per-volume DSC (over cases and classes) and the predicted label maps."""
+    """Mean validation loss, mean per-volume DSC (over cases and classes) and the predicted label maps.
+
+    Without test-time mirroring: validation only picks the best epoch, and mirroring costs 4-8 times.
+    """
+    config = dataclasses.replace(config, mirror_tta=False)
     losses, scores, predictions = [], [], {}
     for case in cases:
         logits = predict_case(model, case.image, device, shapes, config)
@@ -248,9 +255,8 @@ def overlay_strip(
 
 def training_data(cases: Sequence[Case], config: TrainConfig, spatial_dims: int, shapes: dict) -> DataLoader:
     """Slices for 2D networks (weighted by foreground area), foreground-biased patches for 3D ones."""
-    flip_axes = (-1,)
     transform = build_transform(
-        config.aug_scale, config.aug_angle, config.aug_flip, flip_axes, config.aug_intensity
+        config.aug_scale, config.aug_angle, config.aug_flip, config.aug_flip_axes, config.aug_intensity
     )
     sampler = None
     dataset: Dataset
@@ -452,16 +458,20 @@ def evaluate(
     subsets: Sequence[str] = ("validation", "test"),
     output_dir: str | Path | None = None,
     device: str = "auto",
+    mirror_tta: bool | None = None,
 ) -> dict:
     """Predict cases with a run's best weights; write dsc.csv, dsc.png, overlays and GIFs.
 
     Without data_dir: the run's own validation and test cases (`subsets`). With data_dir: every case in
     that folder, labelled or not; unlabelled cases get prediction overlays and GIFs but no DSC. Scans
     (luna, msd) also get their predicted label map written on the source grid (.mhd for LUNA16, .nii.gz
-    for NIfTI) so that it overlays on the scan in a viewer. Returns the output folder and the rows.
+    for NIfTI) so that it overlays on the scan in a viewer. mirror_tta: test-time mirroring on or off
+    (None: as the run was trained). Returns the output folder and the rows.
     """
     torch_device = select_device(device)
     config, args, model = load_run(run_dir, torch_device)
+    if mirror_tta is not None:
+        config = dataclasses.replace(config, mirror_tta=mirror_tta)
     info: DatasetInfo = args["info"]
     shapes = args["shapes"]
     if data_dir is None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from torch import nn
 
 from attention_unet import AttentionUNet
+from res_unet import ResUNet
 from unet import UNet
 from unet_pp import UNetPlusPlus
 from vnet import VNet
@@ -20,12 +21,19 @@ def unet3d(in_channels: int = 1, out_channels: int = 1, init_features: int = 32)
     return UNet(in_channels, out_channels, init_features, spatial_dims=3)
 
 
+def res_unet3d(in_channels: int = 1, out_channels: int = 1, init_features: int = 16) -> ResUNet:
+    """Residual U-Net (Kerfoot et al. 2018) for volumes: the ResUNet class with ``spatial_dims=3``."""
+    return ResUNet(in_channels, out_channels, init_features, spatial_dims=3)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "unet": UNet,
     "unet3d": unet3d,
     "attention_unet": AttentionUNet,
     "unet_pp": UNetPlusPlus,
     "vnet": VNet,
+    "res_unet": ResUNet,
+    "res_unet3d": res_unet3d,
 }
 
 

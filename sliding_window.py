@@ -18,8 +18,9 @@ Choices:
   and the image is zero-padded only when it is smaller than the patch.
 - Sums are kept on the CPU in float32 whatever device and precision the network runs on, so a large
   volume needs GPU memory for one batch of windows only.
-- ``mirror=True`` is test-time augmentation: the prediction is the mean over all flips of the spatial
-  axes (4 in 2D, 8 in 3D), each flipped back before averaging.
+- ``mirror`` is test-time augmentation: the prediction is the mean over all flips of the chosen spatial
+  axes (``True``: all of them, 4 flips in 2D, 8 in 3D), each flipped back before averaging. Mirror only
+  the axes training mirrored: a network never shown upside-down images gains nothing from them.
 """
 
 import itertools
@@ -91,18 +92,22 @@ def _check_spatial_dims(model: nn.Module, spatial_dims: int, what: str) -> None:
         raise ValueError(f"{what} has {spatial_dims} spatial dims but the network is {expected}D")
 
 
-def predict_padded(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Logits of ``model`` for ``batch`` (N, C, *spatial) of any spatial size.
+def predict_padded(
+    model: nn.Module, batch: torch.Tensor, mirror: bool | Sequence[int] = False
+) -> torch.Tensor:
+    """Float32 CPU logits of ``model`` for ``batch`` (N, C, *spatial) of any spatial size.
 
     Zero-pads to a multiple of ``model.size_divisor`` (1 when the network has none), runs the network
-    once and crops the logits back, e.g. for 50x36 hippocampus slices and a U-Net that needs
-    multiples of 16. The network's mode and autograd are left to the caller.
+    and crops the logits back, e.g. for 50x36 hippocampus slices and a U-Net that needs multiples of
+    16. ``mirror`` averages over flips of the spatial axes (test-time augmentation, as in
+    ``sliding_window_inference``). The
+    network's mode and autograd are left to the caller.
     """
     if batch.ndim < 3:
         raise ValueError(f"batch must be (N, C, *spatial), got shape {tuple(batch.shape)}")
     _check_spatial_dims(model, batch.ndim - 2, "batch")
     padded, crop_slices = pad_to_multiple(batch, getattr(model, "size_divisor", 1))
-    return model(padded)[crop_slices]
+    return _predict_windows(model, padded, _flip_axis_sets(batch.ndim - 2, mirror))[crop_slices]
 
 
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
@@ -147,12 +152,17 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     return [index * span // intervals for index in range(intervals + 1)]
 
 
-def _flip_axis_sets(spatial_dims: int, mirror: bool) -> list[tuple[int, ...]]:
-    """Tensor axes to flip for each test-time augmentation; ``()`` is the unflipped image."""
-    if not mirror:
+def _flip_axis_sets(spatial_dims: int, mirror: bool | Sequence[int]) -> list[tuple[int, ...]]:
+    """Tensor axes to flip for each test-time augmentation; ``()`` is the unflipped image.
+
+    ``mirror``: False (no flips), True (every spatial axis) or the spatial axes to mirror (0 = the
+    first spatial axis, -1 = the last).
+    """
+    if mirror is False:
         return [()]
-    axes = range(2, 2 + spatial_dims)
-    return [subset for count in range(spatial_dims + 1) for subset in itertools.combinations(axes, count)]
+    spatial_axes = range(spatial_dims) if mirror is True else mirror
+    axes = sorted({2 + axis % spatial_dims for axis in spatial_axes})
+    return [subset for count in range(len(axes) + 1) for subset in itertools.combinations(axes, count)]
 
 
 def _predict_windows(
@@ -174,7 +184,7 @@ def sliding_window_inference(
     patch_size: Sequence[int],
     overlap: float = 0.5,
     batch_size: int = 4,
-    mirror: bool = False,
+    mirror: bool | Sequence[int] = False,
     gaussian: bool = True,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -184,7 +194,8 @@ def sliding_window_inference(
     the network in batches of ``batch_size`` on ``device`` (default: the model's device) with the
     network in eval mode (its previous mode is restored afterwards). Each window's logits are
     weighted by a Gaussian importance map (uniform with ``gaussian=False``) and the weighted sum is
-    divided by the summed weights. ``mirror=True`` averages over all flips of the spatial axes.
+    divided by the summed weights. ``mirror`` averages over flips: True, every spatial axis; a
+    sequence, those spatial axes (-1 = the last).
 
     An image smaller than the patch is zero-padded and the result cropped back, so the output always
     has the input's spatial size: float32 on the CPU, (N, K, *spatial) or (K, *spatial) like the input.

@@ -42,6 +42,16 @@ from volumes import find_decathlon_cases  # noqa: E402
 SPLIT = REPO / "benchmarks" / "split.json"
 NNUNET = {"Anterior": 0.90, "Posterior": 0.89}  # Isensee et al. 2021, as quoted in the data README
 UNET2D = {"model": "unet", "init_features": 16, "batch_size": 32}
+# Mirrored along every axis in training, so test-time mirroring may use all 8 flips; one loader worker
+# keeps the 3D augmentation off the training step's critical path.
+RES_UNET3D = {
+    "model": "res_unet3d",
+    "init_features": 16,
+    "batch_size": 4,
+    "patches_per_epoch": 200,
+    "aug_flip_axes": [0, 1, 2],
+    "num_workers": 1,
+}
 TUNED = {"channels_last": True, "lr_schedule": "poly"}  # the speed option that won, and nnU-Net's schedule
 
 
@@ -75,6 +85,8 @@ SUITES = {
             "unet_pp2d_ds": {**UNET2D, "model": "unet_pp", "model_options": {"deep_supervision": True}},
             "unet3d": {"model": "unet3d", "init_features": 16, "batch_size": 4, "patches_per_epoch": 100},
             "vnet": {"model": "vnet", "init_features": 8, "batch_size": 4, "patches_per_epoch": 100},
+            "res_unet3d": RES_UNET3D,
+            "res_unet3d_tta": {**RES_UNET3D, "mirror_tta": True},
             "unet2d_dice": {**UNET2D, "loss": "dice"},
             "unet2d_dice_focal": {**UNET2D, "loss": "dice_focal"},
             "unet2d_tversky": {**UNET2D, "loss": "tversky"},
@@ -210,9 +222,13 @@ def run_one(suite_name: str, name: str, seed: int, args: argparse.Namespace, dat
     fixed = json.loads(SPLIT.read_text())["test"] if SPLIT.exists() else None
     if suite_name == "hippocampus" and not quick and result["split"]["test"] != fixed:
         raise RuntimeError("the run's test cases differ from benchmarks/split.json")
-    rows = evaluate(Path(runs) / settings["run_name"], subsets=["test"])["rows"]
+    run_dir = Path(runs) / settings["run_name"]
+    rows = evaluate(run_dir, subsets=["test"])["rows"]
     record = {"config": name, "seed": seed, "budget_minutes": budget, "epochs": len(result["history"])}
     record |= summarise(suite, rows, result["history"])
+    if settings.get("mirror_tta"):
+        plain = evaluate(run_dir, subsets=["test"], output_dir=run_dir / "inference-no-tta", mirror_tta=False)
+        record["dsc_mean_no_tta"] = float(np.mean([row["dsc_mean"] for row in plain["rows"]]))
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

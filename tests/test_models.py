@@ -7,6 +7,7 @@ from torch import nn
 
 from attention_unet import AttentionUNet
 from models import MODELS, build_model, count_parameters
+from res_unet import ResUNet
 from unet import UNet
 from unet_pp import UNetPlusPlus
 from vnet import VNet
@@ -20,9 +21,11 @@ EXPECTED = {
     "attention_unet": (AttentionUNet, 2),
     "unet_pp": (UNetPlusPlus, 2),
     "vnet": (VNet, 3),
+    "res_unet": (ResUNet, 2),
+    "res_unet3d": (ResUNet, 3),
 }
-NETWORKS_2D = [UNet, AttentionUNet, UNetPlusPlus]
-NETWORKS_3D = [UNet, AttentionUNet, UNetPlusPlus, VNet]
+NETWORKS_2D = [UNet, AttentionUNet, UNetPlusPlus, ResUNet]
+NETWORKS_3D = [UNet, AttentionUNet, UNetPlusPlus, VNet, ResUNet]
 
 
 def network_3d(network_class: type[nn.Module], **options) -> nn.Module:
@@ -67,7 +70,7 @@ def overfit_losses(
     return losses
 
 
-def test_registry_holds_exactly_the_five_networks():
+def test_registry_holds_exactly_the_expected_networks():
     assert set(MODELS) == set(EXPECTED)
 
 
@@ -143,6 +146,7 @@ def test_3d_networks_return_logits_of_input_size(network_class, spatial):
         (AttentionUNet, (20, 64), (32, 64)),
         (UNetPlusPlus, (32, 33), (32, 48)),
         (VNet, (16, 24, 16), (16, 32, 16)),
+        (ResUNet, (16, 40), (16, 48)),
     ],
 )
 def test_networks_reject_size_not_divisible_by_16_naming_themselves_and_the_shape_to_pad_to(
@@ -164,6 +168,7 @@ def test_networks_reject_size_not_divisible_by_16_naming_themselves_and_the_shap
         pytest.param(AttentionUNet, {}, (32, 32), 3e-2, id="attention_unet"),
         pytest.param(UNetPlusPlus, {"deep_supervision": True}, (32, 32), 3e-2, id="unet_pp_deep_supervision"),
         pytest.param(VNet, {}, (16, 16, 16), 1e-2, id="vnet"),
+        pytest.param(ResUNet, {"spatial_dims": 3}, (16, 16, 16), 1e-2, id="res_unet_3d"),
     ],
 )
 def test_networks_overfit_one_blob_batch(network_class, options, spatial, lr):
