@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine import TrainConfig, evaluate, set_learning_rate, train
+from engine import (
+    TrainConfig,
+    evaluate,
+    load_cases,
+    load_run,
+    predict_case,
+    set_learning_rate,
+    train,
+    training_data,
+)
 from synthetic import make_decathlon, make_luna
 from utils import read_metrics_csv
 from volumes import read_volume
@@ -112,3 +121,19 @@ def test_the_poly_schedule_decays_the_learning_rate_and_constant_keeps_it():
     assert optimizer.param_groups[0]["lr"] == 1e-3
     with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'poly'"):
         set_learning_rate(optimizer, TrainConfig(lr_schedule="cosine"), 0.1)
+
+
+def test_mirror_tta_flips_the_trained_axes_at_inference_only(tmp_path, hippocampus):
+    config = tiny(
+        tmp_path, dataset="msd", data_dir=str(hippocampus), model="unet", aug_flip_axes=[0], mirror_tta=True
+    )
+    train(config)
+    _, args, model = load_run(config.run_dir, torch.device("cpu"))
+    cases, _ = load_cases(config)
+    loader = training_data(cases, config, spatial_dims=2, shapes=args["shapes"])
+    assert loader.dataset.transform.transforms[0].flip_axes == (0,)
+    image = np.random.default_rng(0).normal(size=(1, 4, 16, 16)).astype(np.float32)
+    slices = torch.from_numpy(image).movedim(1, 0)
+    with torch.no_grad():
+        expected = (model(slices) + model(slices.flip(2)).flip(2)).movedim(0, 1) / 2
+    assert torch.allclose(predict_case(model, image, torch.device("cpu"), {}, config), expected, atol=1e-5)

@@ -298,3 +298,23 @@ def test_sliding_window_works_inside_inference_mode():
         output = sliding_window_inference(model, image, (8, 8))
         expected = model(image)
     assert torch.allclose(output, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(("mirror", "flips"), [((-1,), [(), (4,)]), ([0, 2], [(), (2,), (4,), (2, 4)])])
+def test_mirroring_chosen_axes_averages_only_their_flips(mirror, flips):
+    model = conv_net(3)
+    image = random_image(1, 1, 8, 8, 8)
+    mirrored = sliding_window_inference(model, image, (8, 8, 8), mirror=mirror)
+    with torch.no_grad():
+        expected = sum(model(image.flip(axes)).flip(axes) if axes else model(image) for axes in flips)
+    assert torch.allclose(mirrored, expected / len(flips), atol=1e-6)
+
+
+def test_predict_padded_mirrors_the_chosen_axes_of_the_unpadded_image():
+    model = conv_net(2)
+    model.size_divisor = 16
+    batch = random_image(2, 1, 16, 32)
+    with torch.no_grad():
+        expected = (model(batch) + model(batch.flip(3)).flip(3)) / 2
+        assert torch.allclose(predict_padded(model, batch, mirror=(-1,)), expected, atol=1e-6)
+        assert not torch.allclose(predict_padded(model, batch), expected, atol=1e-3)
