@@ -1,9 +1,9 @@
 """Residual U-Net (Kerfoot et al. 2018), the layout of MONAI's ``UNet`` with residual units.
 
-Every encoder level is a residual unit whose first convolution has stride 2, so the network never
-convolves at full resolution except in its last decoder step. That makes it several times cheaper
-than the max-pooling U-Net of the same widths, which is what a CPU budget on small volumes needs
-(benchmarks/run.py, ``res_unet3d``).
+Every encoder level is a residual unit whose first convolution has stride 2, and the last decoder step
+is the transposed convolution that returns the logits, so no feature map is computed at full
+resolution. That makes it several times cheaper than the max-pooling U-Net of the same widths, which
+is what a CPU budget on small volumes needs (benchmarks/run.py, ``res_unet3d``).
 """
 
 import torch
@@ -73,8 +73,8 @@ class ResUNet(nn.Module):
 
     Encoder: residual units of width ``f, 2f, 4f, 8f`` (``f = init_features``), each halving the
     resolution, then a ``16f`` bottom unit at 1/16. Decoder: at each level the coarser output is
-    concatenated with that level's encoder output and upsampled to the next finer width; the last
-    step returns to full resolution with ``f`` channels and a 1x1 conv gives the logits.
+    concatenated with that level's encoder output, upsampled to the next finer width and refined by
+    a one-conv residual unit; at the finest level a transposed conv returns the logits at full size.
 
     Args:
         in_channels: image channels.

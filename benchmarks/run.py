@@ -80,6 +80,7 @@ SUITES = {
         },
         configs={
             "unet2d": UNET2D,
+            "unet2d_poly": {**UNET2D, "lr_schedule": "poly"},
             "attention_unet2d": {**UNET2D, "model": "attention_unet"},
             "unet_pp2d_ds": {**UNET2D, "model": "unet_pp", "model_options": {"deep_supervision": True}},
             "unet3d": {"model": "unet3d", "init_features": 16, "batch_size": 4, "patches_per_epoch": 100},
