@@ -546,10 +546,12 @@ class SliceDataset(Dataset):
 class PatchDataset(Dataset):
     """Random 3D patches of a list of cases, a share of them centred on foreground (for 3D networks).
 
-    Each item draws a case uniformly, then a centre: with probability `foreground_ratio` a random
-    foreground voxel, otherwise any voxel. Patches reaching outside the volume are zero-padded, so
-    volumes smaller than the patch work (a warning says so once). `length` is the number of patches
-    per epoch. Random numbers come from torch, which seeds every DataLoader worker.
+    Each item draws a case uniformly, then a patch position as nnU-Net does: with probability
+    `foreground_ratio` the patch is centred on a random foreground voxel, otherwise placed uniformly;
+    either way it is shifted so that, on every axis, the patch lies inside the volume or the volume
+    inside the patch. So no patch is mostly padding, and a volume smaller than the patch is always
+    seen whole (zero-padded, at a random offset; a warning says so once). `length` is the number of
+    patches per epoch. Random numbers come from torch, which seeds every DataLoader worker.
     """
 
     def __init__(
@@ -577,19 +579,23 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def _centre(self, case_number: int) -> np.ndarray:
+    def _start(self, case_number: int) -> np.ndarray:
+        """The patch's first voxel, between the volume's and the patch's extents on every axis."""
+        patch = np.array(self.patch_size)
+        slack = np.array(self.cases[case_number].label.shape) - patch
+        low, high = np.minimum(slack, 0), np.maximum(slack, 0)
         foreground = self.foreground[case_number]
         if len(foreground) and float(torch.rand(())) < self.foreground_ratio:
-            return foreground[int(torch.randint(len(foreground), ()))]
-        shape = self.cases[case_number].label.shape
-        return np.array([int(torch.randint(size, ())) for size in shape])
+            centre = foreground[int(torch.randint(len(foreground), ()))]
+            return np.clip(centre - patch // 2, low, high)
+        return np.array([int(torch.randint(lo, hi + 1, ())) for lo, hi in zip(low, high, strict=True)])
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= item < self.length:
             raise IndexError(f"patch {item} of an epoch of {self.length}")
         case_number = int(torch.randint(len(self.cases), ()))
         case = self.cases[case_number]
-        start = self._centre(case_number) - np.array(self.patch_size) // 2
+        start = self._start(case_number)
         image = extract_patch(case.image, start, self.patch_size)
         label = extract_patch(case.label, start, self.patch_size)
         if self.transform is not None:

@@ -21,9 +21,11 @@ def unet3d(in_channels: int = 1, out_channels: int = 1, init_features: int = 32)
     return UNet(in_channels, out_channels, init_features, spatial_dims=3)
 
 
-def res_unet3d(in_channels: int = 1, out_channels: int = 1, init_features: int = 16) -> ResUNet:
+def res_unet3d(
+    in_channels: int = 1, out_channels: int = 1, init_features: int = 16, depth: int = 4
+) -> ResUNet:
     """Residual U-Net (Kerfoot et al. 2018) for volumes: the ResUNet class with ``spatial_dims=3``."""
-    return ResUNet(in_channels, out_channels, init_features, spatial_dims=3)
+    return ResUNet(in_channels, out_channels, init_features, spatial_dims=3, depth=depth)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -71,38 +71,50 @@ class ResidualUpBlock(nn.Module):
 class ResUNet(nn.Module):
     """Residual U-Net for 2D images or 3D volumes (Kerfoot et al. 2018).
 
-    Encoder: residual units of width ``f, 2f, 4f, 8f`` (``f = init_features``), each halving the
-    resolution, then a ``16f`` bottom unit at 1/16. Decoder: at each level the coarser output is
-    concatenated with that level's encoder output, upsampled to the next finer width and refined by
-    a one-conv residual unit; at the finest level a transposed conv returns the logits at full size.
+    Encoder: ``depth`` residual units of width ``f, 2f, 4f, ...`` (``f = init_features``), each
+    halving the resolution, then a bottom unit of twice the last width (``16f`` at 1/16 for the
+    default depth 4, MONAI's layout). Decoder: at each level the coarser output is concatenated with
+    that level's encoder output, upsampled to the next finer width and refined by a one-conv residual
+    unit; at the finest level a transposed conv returns the logits at full size.
 
     Args:
         in_channels: image channels.
         out_channels: logit channels (1 for binary, K classes including background).
         init_features: width ``f`` of the first level.
         spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W).
+        depth: stride-2 levels (at least 2). Small inputs such as hippocampus volumes need only 3,
+            which lets patches be multiples of 8 rather than 16 (nnU-Net's 40x56x40 for that task).
 
-    Every spatial size must be divisible by ``size_divisor`` (16). ``forward`` returns logits.
+    Every spatial size must be divisible by ``size_divisor`` (``2**depth``). ``forward`` returns logits.
     """
 
-    size_divisor = 16
-
     def __init__(
-        self, in_channels: int = 1, out_channels: int = 1, init_features: int = 16, spatial_dims: int = 2
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        init_features: int = 16,
+        spatial_dims: int = 2,
+        depth: int = 4,
     ) -> None:
         super().__init__()
+        if depth < 2:
+            raise ValueError(f"ResUNet depth must be at least 2, got {depth}")
         self.spatial_dims = spatial_dims
-        widths = [init_features * 2**level for level in range(5)]
-        block_inputs = [in_channels, *widths[:3]]
+        self.size_divisor = 2**depth
+        widths = [init_features * 2**level for level in range(depth + 1)]
+        block_inputs = [in_channels, *widths[: depth - 1]]
         self.down = nn.ModuleList(
             ResidualUnit(block_in, width, spatial_dims, stride=2)
-            for block_in, width in zip(block_inputs, widths[:4], strict=True)
+            for block_in, width in zip(block_inputs, widths[:depth], strict=True)
         )
-        self.bottom = ResidualUnit(widths[3], widths[4], spatial_dims)
-        up_inputs = [widths[4] + widths[3], *(2 * width for width in reversed(widths[1:3]))]
+        self.bottom = ResidualUnit(widths[depth - 1], widths[depth], spatial_dims)
+        up_inputs = [
+            widths[depth] + widths[depth - 1],
+            *(2 * width for width in reversed(widths[1 : depth - 1])),
+        ]
         self.up = nn.ModuleList(
             ResidualUpBlock(up_in, up_out, spatial_dims)
-            for up_in, up_out in zip(up_inputs, reversed(widths[:3]), strict=True)
+            for up_in, up_out in zip(up_inputs, reversed(widths[: depth - 1]), strict=True)
         )
         _, conv_transpose, _, _ = layers(spatial_dims)
         self.head = conv_transpose(2 * widths[0], out_channels, kernel_size=2, stride=2)

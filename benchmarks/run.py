@@ -51,6 +51,8 @@ RES_UNET3D = {
     "patches_per_epoch": 200,
     "num_workers": 1,
 }
+# Three levels instead of four: patches of nnU-Net's 40x56x40 for this task (multiples of 8, not 16).
+RES_UNET3D_SHALLOW = {**RES_UNET3D, "model_options": {"depth": 3}, "patch_size": [40, 56, 40]}
 TUNED = {"channels_last": True, "lr_schedule": "poly"}  # the speed option that won, and nnU-Net's schedule
 
 
@@ -87,6 +89,7 @@ SUITES = {
             "vnet": {"model": "vnet", "init_features": 8, "batch_size": 4, "patches_per_epoch": 100},
             "res_unet3d": RES_UNET3D,
             "res_unet3d_tta": {**RES_UNET3D, "mirror_tta": True},
+            "res_unet3d_shallow_tta": {**RES_UNET3D_SHALLOW, "mirror_tta": True},
             "res_unet3d_flip_all": {**RES_UNET3D, "aug_flip_axes": [0, 1, 2], "mirror_tta": True},
             "unet2d_dice": {**UNET2D, "loss": "dice"},
             "unet2d_dice_focal": {**UNET2D, "loss": "dice_focal"},

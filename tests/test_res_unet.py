@@ -52,3 +52,13 @@ def test_res_unet_costs_a_fraction_of_the_unet_of_the_same_widths():
     residual = multiply_adds(ResUNet(1, 3, init_features=8, spatial_dims=3))
     plain = multiply_adds(UNet(1, 3, init_features=8, spatial_dims=3))
     assert residual < plain / 3
+
+
+def test_depth_sets_the_levels_and_the_size_divisor():
+    shallow = ResUNet(in_channels=1, out_channels=3, init_features=4, spatial_dims=3, depth=3)
+    assert shallow.size_divisor == 8 and len(shallow.down) == 3 and len(shallow.up) == 2
+    assert shallow(torch.randn(1, 1, 40, 56, 40)).shape == (1, 3, 40, 56, 40)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        shallow(torch.randn(1, 1, 36, 56, 40))
+    with pytest.raises(ValueError, match="depth must be at least 2"):
+        ResUNet(depth=1)
