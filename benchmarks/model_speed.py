@@ -40,6 +40,7 @@ CASES_3D = [
     ("attention_unet 3d", "attention_unet", {"spatial_dims": 3, "init_features": 16}),
     ("unet_pp 3d", "unet_pp", {"spatial_dims": 3, "init_features": 16}),
     ("res_unet3d", "res_unet3d", {}),
+    ("res_unet3d depth 3", "res_unet3d", {"depth": 3}),
 ]
 
 

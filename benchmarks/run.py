@@ -90,6 +90,7 @@ SUITES = {
             "res_unet3d": RES_UNET3D,
             "res_unet3d_tta": {**RES_UNET3D, "mirror_tta": True},
             "res_unet3d_shallow_tta": {**RES_UNET3D_SHALLOW, "mirror_tta": True},
+            "res_unet3d_shallow_wide_tta": {**RES_UNET3D_SHALLOW, "init_features": 32, "mirror_tta": True},
             "res_unet3d_flip_all": {**RES_UNET3D, "aug_flip_axes": [0, 1, 2], "mirror_tta": True},
             "unet2d_dice": {**UNET2D, "loss": "dice"},
             "unet2d_dice_focal": {**UNET2D, "loss": "dice_focal"},
