@@ -30,18 +30,17 @@ lint: install
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir runs
 
-# Benchmarks on this machine (about 4 hours on 2 CPU cores; the hippocampus suite needs ../shared/data).
-# The 20-minute runs: the best 2D configuration of the 3-minute comparison and the residual 3D U-Net with
-# mirrored inference, both with channels-last and the poly learning-rate schedule (--tuned); see report.md.
-SHORT := unet2d unet2d_poly attention_unet2d unet_pp2d_ds unet3d res_unet3d vnet \
+# Benchmarks on this machine (about 5 hours on 2 CPU cores; the hippocampus suite needs ../shared/data).
+# The 20-minute runs use channels-last and the poly learning-rate schedule (--tuned); see report.md.
+SHORT := unet2d unet2d_poly attention_unet2d unet_pp2d_ds unet3d res_unet3d res_unet3d_flip_all vnet \
 	unet2d_dice unet2d_dice_focal unet2d_tversky
 bench: install
 	$(PY) benchmarks/run.py --configs unet2d unet2d_workers2 unet2d_channels_last unet2d_amp_bf16 unet2d_compile --budget 1
 	$(PY) benchmarks/run.py --configs $(SHORT) --budget 3 --seeds 0 1
-	$(PY) benchmarks/run.py --configs res_unet3d_flip_all --budget 3
-	$(PY) benchmarks/run.py --configs unet2d_dice_focal --budget 20 --tuned
-	$(PY) benchmarks/run.py --configs res_unet3d_tta --budget 20 --tuned --seeds 0 1
-	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-res_unet3d_tta_tuned-seed0
+	$(PY) benchmarks/run.py --configs res_unet3d_tta res_unet3d_shallow_tta --budget 5 --tuned
+	$(PY) benchmarks/run.py --configs unet2d_dice_focal res_unet3d_tta res_unet3d_shallow_wide_tta --budget 20 --tuned
+	$(PY) benchmarks/run.py --configs res_unet3d_shallow_tta --budget 20 --tuned --seeds 0 1
+	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-res_unet3d_shallow_tta_tuned-20min-seed0
 	$(PY) benchmarks/run.py --suite brain --budget 2
 	$(PY) benchmarks/model_speed.py
 	$(PY) benchmarks/volumetric.py

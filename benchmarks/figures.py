@@ -4,7 +4,7 @@ Reads `<run>/inference/dsc.csv` and the overlay PNGs and GIFs that `engine.evalu
 cases with the best, median and worst mean DSC, and for each the slice with the most predicted or true
 foreground, enlarged (nearest neighbour) so that small hippocampus slices stay readable. Writes to report/.
 
-    .venv/bin/python benchmarks/figures.py runs/benchmarks/hippocampus-unet2d-seed0
+    .venv/bin/python benchmarks/figures.py runs/benchmarks/hippocampus-unet2d-3min-seed0
 """
 
 from __future__ import annotations

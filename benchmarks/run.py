@@ -213,7 +213,8 @@ def run_one(suite_name: str, name: str, seed: int, args: argparse.Namespace, dat
     if args.tuned:
         settings |= TUNED
         name = f"{name}_tuned"
-    settings |= {"run_name": f"{suite_name}-{name}-seed{seed}", "seed": seed, "split_seed": 0}
+    run_name = f"{suite_name}-{name}-{budget:g}min-seed{seed}"  # one folder per row of the results
+    settings |= {"run_name": run_name, "seed": seed, "split_seed": 0}
     settings["resume"] = False
     settings |= {
         "validation_cases": validation,
