@@ -88,6 +88,7 @@ class TrainConfig:
     aug_flip: float = 0.5
     aug_flip_axes: list = dataclasses.field(default_factory=lambda: [-1])  # input axes mirrored (-1: width)
     aug_intensity: float = 0.0  # random per-channel gain and shift (0: off)
+    aug_affine_prob: float = 1.0  # share of samples scaled and rotated (nnU-Net: 0.2 each); the rest exact
     num_workers: int = 0
     amp: bool = False  # automatic mixed precision: bfloat16 on CPU, float16 on CUDA
     channels_last: bool = True  # measured faster on CPU for the 2D U-Net (report.md)
@@ -256,7 +257,12 @@ def overlay_strip(
 def training_data(cases: Sequence[Case], config: TrainConfig, spatial_dims: int, shapes: dict) -> DataLoader:
     """Slices for 2D networks (weighted by foreground area), foreground-biased patches for 3D ones."""
     transform = build_transform(
-        config.aug_scale, config.aug_angle, config.aug_flip, config.aug_flip_axes, config.aug_intensity
+        config.aug_scale,
+        config.aug_angle,
+        config.aug_flip,
+        config.aug_flip_axes,
+        config.aug_intensity,
+        config.aug_affine_prob,
     )
     sampler = None
     dataset: Dataset
@@ -330,7 +336,7 @@ def train(config: TrainConfig) -> dict:
     shapes = data_shapes(cases, config, model.size_divisor)
     step_model = torch.compile(model) if config.compile_model else model
     base_loss = build_loss(config.loss, **config.loss_options)
-    criterion = DeepSupervisionLoss(base_loss)
+    criterion = DeepSupervisionLoss(base_loss, getattr(model, "supervision_weights", None))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
     state = _resume_state(config)

@@ -22,10 +22,25 @@ def unet3d(in_channels: int = 1, out_channels: int = 1, init_features: int = 32)
 
 
 def res_unet3d(
-    in_channels: int = 1, out_channels: int = 1, init_features: int = 16, depth: int = 4
+    in_channels: int = 1,
+    out_channels: int = 1,
+    init_features: int = 16,
+    depth: int = 4,
+    norm: str = "batch",
+    full_resolution: int = 0,
+    deep_supervision: bool = False,
 ) -> ResUNet:
     """Residual U-Net (Kerfoot et al. 2018) for volumes: the ResUNet class with ``spatial_dims=3``."""
-    return ResUNet(in_channels, out_channels, init_features, spatial_dims=3, depth=depth)
+    return ResUNet(
+        in_channels,
+        out_channels,
+        init_features,
+        spatial_dims=3,
+        depth=depth,
+        norm=norm,
+        full_resolution=full_resolution,
+        deep_supervision=deep_supervision,
+    )
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {

@@ -3,13 +3,30 @@
 Every encoder level is a residual unit whose first convolution has stride 2, and the last decoder step
 is the transposed convolution that returns the logits, so no feature map is computed at full
 resolution. That makes it several times cheaper than the max-pooling U-Net of the same widths, which
-is what a CPU budget on small volumes needs (benchmarks/run.py, ``res_unet3d``).
+is what a CPU budget on small volumes needs (benchmarks/run.py, ``res_unet3d``). ``full_resolution``
+adds a narrow full-resolution level for structures only a few voxels thick.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unet import check_spatial_size, layers
+
+NORMS = ("batch", "instance", "none")
+
+
+def norm_layer(norm: str, spatial_dims: int, channels: int) -> nn.Module:
+    """Batch norm (the reference's), instance norm with learned scale and shift (nnU-Net's, MONAI's),
+    or none."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if norm == "none":
+        return nn.Identity()
+    if norm == "batch":
+        return layers(spatial_dims)[2](channels)
+    instance = nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d
+    return instance(channels, affine=True)
 
 
 class ResidualUnit(nn.Module):
@@ -20,10 +37,16 @@ class ResidualUnit(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, spatial_dims: int, stride: int = 1, num_convs: int = 2
+        self,
+        in_channels: int,
+        out_channels: int,
+        spatial_dims: int,
+        stride: int = 1,
+        num_convs: int = 2,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
-        conv, _, norm, _ = layers(spatial_dims)
+        conv = layers(spatial_dims)[0]
         body: list[nn.Module] = []
         for index in range(num_convs):
             body += [
@@ -35,7 +58,7 @@ class ResidualUnit(nn.Module):
                     padding=1,
                     bias=False,
                 ),
-                norm(out_channels),
+                norm_layer(norm, spatial_dims, out_channels),
                 nn.ReLU(inplace=True),
             ]
         self.body = nn.Sequential(*body)
@@ -54,15 +77,15 @@ class ResidualUnit(nn.Module):
 class ResidualUpBlock(nn.Module):
     """Concatenate the skip, transposed conv (x2) to ``out_channels`` with BN-ReLU, residual unit."""
 
-    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int, norm: str = "batch") -> None:
         super().__init__()
-        _, conv_transpose, norm, _ = layers(spatial_dims)
+        conv_transpose = layers(spatial_dims)[1]
         self.up = nn.Sequential(
             conv_transpose(in_channels, out_channels, kernel_size=2, stride=2, bias=False),
-            norm(out_channels),
+            norm_layer(norm, spatial_dims, out_channels),
             nn.ReLU(inplace=True),
         )
-        self.refine = ResidualUnit(out_channels, out_channels, spatial_dims, num_convs=1)
+        self.refine = ResidualUnit(out_channels, out_channels, spatial_dims, num_convs=1, norm=norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.refine(self.up(torch.cat([x, skip], dim=1)))
@@ -84,8 +107,18 @@ class ResUNet(nn.Module):
         spatial_dims: 2 for images (N, C, H, W), 3 for volumes (N, C, D, H, W).
         depth: stride-2 levels (at least 2). Small inputs such as hippocampus volumes need only 3,
             which lets patches be multiples of 8 rather than 16 (nnU-Net's 40x56x40 for that task).
+        norm: "batch" or "instance" normalisation after every convolution.
+        full_resolution: width of an extra full-resolution level (0: none, MONAI's layout): a one-conv
+            residual unit on the input before the first strided unit, and at the top of the decoder
+            an upsampling to this width, refined at full size and joined with that first unit's output
+            before a 1x1 head. Its layers are not normalised, like MONAI's top layer: on a CPU, batch
+            norm over full-size maps took a quarter of the training step (report.md).
+        deep_supervision: in training mode also return logits from each coarser decoder level (a 1x1
+            head each, interpolated to full size), as nnU-Net does, so the loss reaches the inner
+            levels directly; ``supervision_weights`` halves per level.
 
-    Every spatial size must be divisible by ``size_divisor`` (``2**depth``). ``forward`` returns logits.
+    Every spatial size must be divisible by ``size_divisor`` (``2**depth``). ``forward`` returns logits,
+    or in training with deep supervision a list of them, the full-resolution output first.
     """
 
     def __init__(
@@ -95,37 +128,75 @@ class ResUNet(nn.Module):
         init_features: int = 16,
         spatial_dims: int = 2,
         depth: int = 4,
+        norm: str = "batch",
+        full_resolution: int = 0,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         if depth < 2:
             raise ValueError(f"ResUNet depth must be at least 2, got {depth}")
         self.spatial_dims = spatial_dims
         self.size_divisor = 2**depth
+        self.deep_supervision = deep_supervision
         widths = [init_features * 2**level for level in range(depth + 1)]
-        block_inputs = [in_channels, *widths[: depth - 1]]
+        self.stem = (
+            ResidualUnit(in_channels, full_resolution, spatial_dims, num_convs=1, norm="none")
+            if full_resolution
+            else None
+        )
+        block_inputs = [full_resolution or in_channels, *widths[: depth - 1]]
         self.down = nn.ModuleList(
-            ResidualUnit(block_in, width, spatial_dims, stride=2)
+            ResidualUnit(block_in, width, spatial_dims, stride=2, norm=norm)
             for block_in, width in zip(block_inputs, widths[:depth], strict=True)
         )
-        self.bottom = ResidualUnit(widths[depth - 1], widths[depth], spatial_dims)
+        self.bottom = ResidualUnit(widths[depth - 1], widths[depth], spatial_dims, norm=norm)
         up_inputs = [
             widths[depth] + widths[depth - 1],
             *(2 * width for width in reversed(widths[1 : depth - 1])),
         ]
+        up_widths = list(reversed(widths[: depth - 1]))
         self.up = nn.ModuleList(
-            ResidualUpBlock(up_in, up_out, spatial_dims)
-            for up_in, up_out in zip(up_inputs, reversed(widths[: depth - 1]), strict=True)
+            ResidualUpBlock(up_in, up_out, spatial_dims, norm=norm)
+            for up_in, up_out in zip(up_inputs, up_widths, strict=True)
         )
-        _, conv_transpose, _, _ = layers(spatial_dims)
-        self.head = conv_transpose(2 * widths[0], out_channels, kernel_size=2, stride=2)
+        conv, conv_transpose, _, _ = layers(spatial_dims)
+        if full_resolution:
+            self.top = ResidualUpBlock(2 * widths[0], full_resolution, spatial_dims, norm="none")
+            self.head = conv(2 * full_resolution, out_channels, kernel_size=1)
+        else:
+            self.head = conv_transpose(2 * widths[0], out_channels, kernel_size=2, stride=2)
+        self.aux_heads = nn.ModuleList(
+            conv(width, out_channels, kernel_size=1) for width in (up_widths if deep_supervision else [])
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def supervision_weights(self) -> list[float]:
+        """Loss weights of the training outputs, full resolution first, halving per level."""
+        return [0.5**level for level in range(1 + len(self.aux_heads))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_spatial_size(x.shape[2:], self.size_divisor, type(self).__name__)
+        full = self.stem(x) if self.stem is not None else None
+        if full is not None:
+            x = full
         skips = []
         for unit in self.down:
             x = unit(x)
             skips.append(x)
         x = self.bottom(x)
+        decoded = []
         for block, skip in zip(self.up, reversed(skips[1:]), strict=True):
             x = block(x, skip)
-        return self.head(torch.cat([x, skips[0]], dim=1))
+            decoded.append(x)
+        if full is None:
+            logits = self.head(torch.cat([x, skips[0]], dim=1))
+        else:
+            logits = self.head(torch.cat([self.top(x, skips[0]), full], dim=1))
+        if not (self.training and self.deep_supervision):
+            return logits
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        coarse = [
+            F.interpolate(head(feature), size=logits.shape[2:], mode=mode)
+            for head, feature in zip(self.aux_heads, decoded, strict=True)
+        ]
+        return [logits, *reversed(coarse)]

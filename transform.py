@@ -42,7 +42,10 @@ class RandomAffine:
     """Random scale, rotation and flips about the centre, for (C, *spatial) images and (*spatial) labels.
 
     scale: relative range (0.05 → factor in [0.95, 1.05]); degrees: maximum rotation per axis;
-    flip_prob: probability of mirroring each axis in `flip_axes` (spatial axes, -1 = width).
+    flip_prob: probability of mirroring each axis in `flip_axes` (spatial axes, -1 = width);
+    affine_prob: probability of the scale and rotation. Below 1, as in nnU-Net, the other samples keep
+    their voxels exactly (flips only): no interpolation blur the test images never have, and no
+    resampling cost.
     """
 
     def __init__(
@@ -51,11 +54,13 @@ class RandomAffine:
         degrees: float = 15.0,
         flip_prob: float = 0.5,
         flip_axes: Sequence[int] = (-1,),
+        affine_prob: float = 1.0,
     ):
         self.scale = scale
         self.degrees = degrees
         self.flip_prob = flip_prob
         self.flip_axes = tuple(flip_axes)
+        self.affine_prob = affine_prob
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         spatial_dims = label.ndim
@@ -63,6 +68,8 @@ class RandomAffine:
             if _uniform(0, 1) < self.flip_prob:
                 image = np.flip(image, axis=axis if axis < 0 else axis + 1)
                 label = np.flip(label, axis=axis)
+        if not (self.scale or self.degrees) or _uniform(0, 1) >= self.affine_prob:
+            return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
         factor = _uniform(1 - self.scale, 1 + self.scale)
         matrix = _rotation(spatial_dims, self.degrees) / factor
         centre = (np.array(label.shape) - 1) / 2
@@ -109,11 +116,12 @@ def build_transform(
     flip_prob: float = 0.5,
     flip_axes: Sequence[int] = (-1,),
     intensity: float = 0.0,
+    affine_prob: float = 1.0,
 ) -> Compose | None:
     """The training augmentation from its settings; None when every setting is off."""
     transforms = []
     if scale or degrees or flip_prob:
-        transforms.append(RandomAffine(scale, degrees, flip_prob, flip_axes))
+        transforms.append(RandomAffine(scale, degrees, flip_prob, flip_axes, affine_prob))
     if intensity:
         transforms.append(IntensityJitter(gain=intensity, shift=intensity))
     return Compose(transforms) if transforms else None

@@ -53,6 +53,9 @@ RES_UNET3D = {
 }
 # Three levels instead of four: patches of nnU-Net's 40x56x40 for this task (multiples of 8, not 16).
 RES_UNET3D_SHALLOW = {**RES_UNET3D, "model_options": {"depth": 3}, "patch_size": [40, 56, 40]}
+# nnU-Net's habit: scale and rotate a share of the patches only (it uses 0.2 for each), the rest stay exact.
+LIGHT_AFFINE = {**RES_UNET3D_SHALLOW, "mirror_tta": True, "aug_affine_prob": 0.3}
+LIGHT_AFFINE_BF16 = {**LIGHT_AFFINE, "amp": True}  # bfloat16 autocast: faster on CPUs with bf16 units
 TUNED = {"channels_last": True, "lr_schedule": "poly"}  # the speed option that won, and nnU-Net's schedule
 
 
@@ -91,6 +94,24 @@ SUITES = {
             "res_unet3d_tta": {**RES_UNET3D, "mirror_tta": True},
             "res_unet3d_shallow_tta": {**RES_UNET3D_SHALLOW, "mirror_tta": True},
             "res_unet3d_shallow_wide_tta": {**RES_UNET3D_SHALLOW, "init_features": 32, "mirror_tta": True},
+            "res_unet3d_shallow_tta_affine30": LIGHT_AFFINE,
+            "res_unet3d_shallow_tta_affine30_bf16": LIGHT_AFFINE_BF16,
+            "res_unet3d_shallow_tta_affine30_bf16_ds": {
+                **LIGHT_AFFINE_BF16,
+                "model_options": {"depth": 3, "deep_supervision": True},
+            },
+            "res_unet3d_fullres_affine30_bf16": {
+                **LIGHT_AFFINE_BF16,
+                "model_options": {"depth": 3, "full_resolution": 16},
+            },
+            "res_unet3d_fullres8_affine30_bf16": {
+                **LIGHT_AFFINE_BF16,
+                "model_options": {"depth": 3, "full_resolution": 8},
+            },
+            "res_unet3d_shallow_tta_affine30_bf16_instnorm": {
+                **LIGHT_AFFINE_BF16,
+                "model_options": {"depth": 3, "norm": "instance"},
+            },
             "res_unet3d_flip_all": {**RES_UNET3D, "aug_flip_axes": [0, 1, 2], "mirror_tta": True},
             "unet2d_dice": {**UNET2D, "loss": "dice"},
             "unet2d_dice_focal": {**UNET2D, "loss": "dice_focal"},
@@ -243,6 +264,11 @@ def run_one(suite_name: str, name: str, seed: int, args: argparse.Namespace, dat
     return record
 
 
+def record_key(record: dict) -> tuple:
+    """What a re-run replaces: the same configuration, seed and budget on the same device."""
+    return record["config"], record["seed"], record["budget_minutes"], record["device"]
+
+
 def markdown(suite: Suite, records: list[dict]) -> str:
     """The results as a markdown table, one row per configuration and seed."""
     keys = columns(suite)
@@ -312,12 +338,15 @@ def main(argv: list[str] | None = None) -> int:
             command += ["--runs", str(args.runs), *(["--quick"] if args.quick else [])]
             command += ["--tuned"] if args.tuned else []
             with tempfile.TemporaryFile("w+") as log:
-                subprocess.run(command, check=True, stdout=log, cwd=REPO)
+                finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
                 log.seek(0)
-                line = next(line for line in log if line.startswith("RECORD "))
+                output = log.read()
+            if finished.returncode:
+                sys.stderr.write(output[-5000:])
+                raise RuntimeError(f"{name} seed {seed} failed (exit {finished.returncode}), output above")
+            line = next(line for line in output.splitlines() if line.startswith("RECORD "))
             record = json.loads(line.removeprefix("RECORD "))
-            key = (record["config"], seed, args.budget)
-            records = [r for r in records if (r["config"], r["seed"], r["budget_minutes"]) != key] + [record]
+            records = [r for r in records if record_key(r) != record_key(record)] + [record]
             results.write_text(json.dumps(records, indent=1) + "\n")
             results.with_suffix(".md").write_text(markdown(suite, records) + "\n")
             print(f"{record['config']} seed {seed}: test mean DSC {record['dsc_mean']:.4f}", flush=True)

@@ -62,3 +62,49 @@ def test_depth_sets_the_levels_and_the_size_divisor():
         shallow(torch.randn(1, 1, 36, 56, 40))
     with pytest.raises(ValueError, match="depth must be at least 2"):
         ResUNet(depth=1)
+
+
+def test_deep_supervision_adds_a_full_size_output_per_decoder_level_in_training_only():
+    model = ResUNet(1, 3, init_features=4, spatial_dims=3, depth=3, deep_supervision=True)
+    x = torch.randn(2, 1, 16, 24, 16)
+    outputs = model(x)
+    assert [output.shape for output in outputs] == [(2, 3, 16, 24, 16)] * 3
+    assert model.supervision_weights == [1.0, 0.5, 0.25]
+    model.eval()
+    assert isinstance(model(x), torch.Tensor) and model(x).shape == (2, 3, 16, 24, 16)
+
+
+def test_deep_supervision_heads_only_add_outputs_the_main_logits_are_unchanged():
+    torch.manual_seed(0)
+    plain = ResUNet(in_channels=1, out_channels=2, init_features=4, spatial_dims=2, depth=3)
+    torch.manual_seed(0)
+    supervised = ResUNet(1, 2, init_features=4, spatial_dims=2, depth=3, deep_supervision=True)
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.allclose(supervised(x)[0], plain(x))
+    assert plain.supervision_weights == [1.0]
+
+
+def test_instance_norm_normalises_each_sample_alone():
+    model = ResUNet(in_channels=1, out_channels=2, init_features=4, spatial_dims=3, depth=2, norm="instance")
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
+    model.eval()
+    x = torch.randn(2, 1, 8, 8, 8)
+    alone = model(x[:1])
+    together = model(torch.cat([x[:1], 100 * x[1:]]))
+    assert torch.allclose(alone, together[:1], atol=1e-5)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        ResUNet(norm="group")
+
+
+def test_a_full_resolution_level_convolves_at_the_input_size_and_keeps_the_output_shape():
+    model = ResUNet(1, 3, init_features=4, spatial_dims=3, depth=3, full_resolution=6)
+    sizes = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv3d):
+            module.register_forward_hook(lambda _, __, output: sizes.append(tuple(output.shape[1:])))
+    assert model(torch.randn(2, 1, 16, 24, 16)).shape == (2, 3, 16, 24, 16)
+    assert (6, 16, 24, 16) in sizes
+    assert model.down[0].body[0].in_channels == 6
+    assert ResUNet(1, 3, init_features=4, spatial_dims=2, depth=2, full_resolution=4)(
+        torch.randn(1, 1, 8, 8)
+    ).shape == (1, 3, 8, 8)
