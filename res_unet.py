@@ -91,6 +91,31 @@ class ResidualUpBlock(nn.Module):
         return self.refine(self.up(torch.cat([x, skip], dim=1)))
 
 
+class FullResolutionLevel(nn.Module):
+    """A narrow output level at the input's resolution, for a network whose decoder stops at half.
+
+    Upsamples the finest decoder output to ``width`` channels, adds features computed from the image
+    at full size (one convolution and ReLU), refines the sum with one residual convolution and returns
+    logits through a 1x1 convolution. Sums rather than concatenations, no normalisation, and an encoder
+    that still reads the raw image keep the full-size work to three narrow convolutions (report.md,
+    "a full-resolution level").
+    """
+
+    def __init__(
+        self, in_channels: int, decoder_channels: int, width: int, out_channels: int, spatial_dims: int
+    ) -> None:
+        super().__init__()
+        conv, conv_transpose, _, _ = layers(spatial_dims)
+        self.features = conv(in_channels, width, kernel_size=3, padding=1)
+        self.up = conv_transpose(decoder_channels, width, kernel_size=2, stride=2)
+        self.refine = conv(width, width, kernel_size=3, padding=1)
+        self.head = conv(width, out_channels, kernel_size=1)
+
+    def forward(self, decoded: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.up(decoded) + torch.relu(self.features(image)))
+        return self.head(x + torch.relu(self.refine(x)))
+
+
 class ResUNet(nn.Module):
     """Residual U-Net for 2D images or 3D volumes (Kerfoot et al. 2018).
 
@@ -108,11 +133,8 @@ class ResUNet(nn.Module):
         depth: stride-2 levels (at least 2). Small inputs such as hippocampus volumes need only 3,
             which lets patches be multiples of 8 rather than 16 (nnU-Net's 40x56x40 for that task).
         norm: "batch" or "instance" normalisation after every convolution.
-        full_resolution: width of an extra full-resolution level (0: none, MONAI's layout): a one-conv
-            residual unit on the input before the first strided unit, and at the top of the decoder
-            an upsampling to this width, refined at full size and joined with that first unit's output
-            before a 1x1 head. Its layers are not normalised, like MONAI's top layer: on a CPU, batch
-            norm over full-size maps took a quarter of the training step (report.md).
+        full_resolution: width of an extra level at the input's resolution (0: none, MONAI's layout),
+            for structures only a few voxels thick: see ``FullResolutionLevel``.
         deep_supervision: in training mode also return logits from each coarser decoder level (a 1x1
             head each, interpolated to full size), as nnU-Net does, so the loss reaches the inner
             levels directly; ``supervision_weights`` halves per level.
@@ -139,12 +161,7 @@ class ResUNet(nn.Module):
         self.size_divisor = 2**depth
         self.deep_supervision = deep_supervision
         widths = [init_features * 2**level for level in range(depth + 1)]
-        self.stem = (
-            ResidualUnit(in_channels, full_resolution, spatial_dims, num_convs=1, norm="none")
-            if full_resolution
-            else None
-        )
-        block_inputs = [full_resolution or in_channels, *widths[: depth - 1]]
+        block_inputs = [in_channels, *widths[: depth - 1]]
         self.down = nn.ModuleList(
             ResidualUnit(block_in, width, spatial_dims, stride=2, norm=norm)
             for block_in, width in zip(block_inputs, widths[:depth], strict=True)
@@ -160,11 +177,11 @@ class ResUNet(nn.Module):
             for up_in, up_out in zip(up_inputs, up_widths, strict=True)
         )
         conv, conv_transpose, _, _ = layers(spatial_dims)
-        if full_resolution:
-            self.top = ResidualUpBlock(2 * widths[0], full_resolution, spatial_dims, norm="none")
-            self.head = conv(2 * full_resolution, out_channels, kernel_size=1)
-        else:
-            self.head = conv_transpose(2 * widths[0], out_channels, kernel_size=2, stride=2)
+        self.head: nn.Module = (
+            FullResolutionLevel(in_channels, 2 * widths[0], full_resolution, out_channels, spatial_dims)
+            if full_resolution
+            else conv_transpose(2 * widths[0], out_channels, kernel_size=2, stride=2)
+        )
         self.aux_heads = nn.ModuleList(
             conv(width, out_channels, kernel_size=1) for width in (up_widths if deep_supervision else [])
         )
@@ -176,9 +193,7 @@ class ResUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_spatial_size(x.shape[2:], self.size_divisor, type(self).__name__)
-        full = self.stem(x) if self.stem is not None else None
-        if full is not None:
-            x = full
+        image = x
         skips = []
         for unit in self.down:
             x = unit(x)
@@ -188,10 +203,8 @@ class ResUNet(nn.Module):
         for block, skip in zip(self.up, reversed(skips[1:]), strict=True):
             x = block(x, skip)
             decoded.append(x)
-        if full is None:
-            logits = self.head(torch.cat([x, skips[0]], dim=1))
-        else:
-            logits = self.head(torch.cat([self.top(x, skips[0]), full], dim=1))
+        x = torch.cat([x, skips[0]], dim=1)
+        logits = self.head(x, image) if isinstance(self.head, FullResolutionLevel) else self.head(x)
         if not (self.training and self.deep_supervision):
             return logits
         mode = "bilinear" if self.spatial_dims == 2 else "trilinear"

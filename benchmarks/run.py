@@ -108,6 +108,7 @@ SUITES = {
                 **LIGHT_AFFINE_BF16,
                 "model_options": {"depth": 3, "full_resolution": 8},
             },
+            "res_unet3d_fullres8_affine30": {**LIGHT_AFFINE, "model_options": {"depth": 3, "full_resolution": 8}},
             "res_unet3d_shallow_tta_affine30_bf16_instnorm": {
                 **LIGHT_AFFINE_BF16,
                 "model_options": {"depth": 3, "norm": "instance"},
