@@ -108,7 +108,10 @@ SUITES = {
                 **LIGHT_AFFINE_BF16,
                 "model_options": {"depth": 3, "full_resolution": 8},
             },
-            "res_unet3d_fullres8_affine30": {**LIGHT_AFFINE, "model_options": {"depth": 3, "full_resolution": 8}},
+            "res_unet3d_fullres8_affine30": {
+                **LIGHT_AFFINE,
+                "model_options": {"depth": 3, "full_resolution": 8},
+            },
             "res_unet3d_shallow_tta_affine30_bf16_instnorm": {
                 **LIGHT_AFFINE_BF16,
                 "model_options": {"depth": 3, "norm": "instance"},
@@ -171,8 +174,11 @@ def columns(suite: Suite) -> list[tuple[str, str]]:
 
 
 def commit() -> str:
+    """The checked-out commit, marked "+uncommitted" when code differs from it (results files may)."""
     result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
+    code = ["*.py", "*.ipynb"]
+    changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *code], cwd=REPO).returncode
+    return (result.stdout.strip() or "unknown") + ("+uncommitted" if changed else "")
 
 
 def device_name() -> str:
@@ -230,6 +236,7 @@ def summarise(suite: Suite, rows: list[dict], history: list[dict]) -> dict:
 def run_one(suite_name: str, name: str, seed: int, args: argparse.Namespace, data_dir: Path) -> dict:
     """Train and test one configuration in this process; the record for the results file."""
     suite, budget, runs, quick = SUITES[suite_name], args.budget, args.runs, args.quick
+    code_version = commit()  # now: the tree may change while the run trains
     validation, test = split_counts(suite_name, data_dir)
     settings = {**suite.common, **suite.configs[name], "data_dir": str(data_dir), "runs_dir": str(runs)}
     if args.tuned:
@@ -260,7 +267,12 @@ def run_one(suite_name: str, name: str, seed: int, args: argparse.Namespace, dat
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    record |= {"settings": settings, "commit": commit(), "device": device_name(), "torch": torch.__version__}
+    record |= {
+        "settings": settings,
+        "commit": code_version,
+        "device": device_name(),
+        "torch": torch.__version__,
+    }
     record["date"] = datetime.date.today().isoformat()
     return record
 

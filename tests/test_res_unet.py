@@ -104,7 +104,8 @@ def test_a_full_resolution_level_convolves_at_the_input_size_and_keeps_the_outpu
             module.register_forward_hook(lambda _, __, output: sizes.append(tuple(output.shape[1:])))
     assert model(torch.randn(2, 1, 16, 24, 16)).shape == (2, 3, 16, 24, 16)
     assert (6, 16, 24, 16) in sizes
-    assert model.down[0].body[0].in_channels == 6
+    assert model.down[0].body[0].in_channels == 1, "the encoder reads the image itself"
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in model.head.modules())
     assert ResUNet(1, 3, init_features=4, spatial_dims=2, depth=2, full_resolution=4)(
         torch.randn(1, 1, 8, 8)
     ).shape == (1, 3, 8, 8)
