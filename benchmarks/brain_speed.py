@@ -11,6 +11,7 @@ precision (replaced when re-run).
 
     .venv/bin/python benchmarks/brain_speed.py                     # 1 minute per precision
     .venv/bin/python benchmarks/brain_speed.py --budget 0.3 --workers 0
+    .venv/bin/python benchmarks/brain_speed.py --quick --budget 0.02   # a smoke check, not the reference
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ REFERENCE = {
     "seed": 0,
     "resume": False,
 }
+QUICK = {"image_size": 64, "init_features": 4, "batch_size": 4}  # small enough for a test on a CPU
 
 
 def synchronize(device: torch.device) -> None:
@@ -84,6 +86,8 @@ def measure(amp: bool, args: argparse.Namespace, runs: Path) -> dict:
     settings = {**REFERENCE, "data_dir": str(args.data), "runs_dir": str(runs), "amp": amp}
     settings |= {"run_name": f"brain-speed-amp-{amp}", "time_budget_minutes": args.budget}
     settings["num_workers"] = args.workers
+    if args.quick:
+        settings |= QUICK
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = train(TrainConfig(**settings))
@@ -100,7 +104,8 @@ def measure(amp: bool, args: argparse.Namespace, runs: Path) -> dict:
     }
     if device.type == "cuda":
         record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    record |= {"budget_minutes": args.budget, "num_workers": args.workers, "settings": settings}
+    record |= {"budget_minutes": args.budget, "num_workers": args.workers, "quick": args.quick}
+    record["settings"] = settings
     record |= {"commit": commit(), "torch": torch.__version__, "date": datetime.date.today().isoformat()}
     return record
 
@@ -112,13 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8 if torch.cuda.is_available() else 0)
     parser.add_argument("--data", type=Path, default=DEMO_DATA_DIR, help="a kaggle_3m folder")
     parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument("--quick", action="store_true", help=f"not the reference: {QUICK}")
     args = parser.parse_args(argv)
     ensure_demo_data(args.data)
     records = json.loads(args.output.read_text()) if args.output.exists() else []
     with tempfile.TemporaryDirectory(prefix="brain-speed-") as runs:
         for amp in (False, True):
             record = measure(amp, args, Path(runs))
-            records = [r for r in records if (r["device"], r["amp"]) != (record["device"], amp)] + [record]
+            key = ("device", "amp", "quick")
+            records = [r for r in records if [r.get(k) for k in key] != [record[k] for k in key]] + [record]
             args.output.parent.mkdir(parents=True, exist_ok=True)
             args.output.write_text(json.dumps(records, indent=1) + "\n")
             print(

@@ -170,6 +170,8 @@ def columns(suite: Suite) -> list[tuple[str, str]]:
         ("data_wait_share", "data wait"),
         ("inference_seconds_per_volume", "inference s/volume"),
         ("peak_rss_mb", "peak RSS (MB)"),
+        ("device", "device (2 threads)"),
+        ("commit", "commit"),
     ]
 
 
@@ -292,6 +294,8 @@ def markdown(suite: Suite, records: list[dict]) -> str:
             value = record[key]
             if key == "data_wait_share":
                 cells.append(f"{100 * value:.1f}%")
+            elif key == "device":
+                cells.append(value.removeprefix("CPU ").split(", 2 threads")[0])
             elif key == "budget_minutes":
                 cells.append(f"{value:g}")
             elif isinstance(value, float):

@@ -7,11 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import brain_speed  # noqa: E402
 import run  # noqa: E402
+
+from synthetic import make_kaggle_3m  # noqa: E402
 
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "msd-hippocampus"
 needs_real_data = pytest.mark.skipif(
@@ -57,3 +61,29 @@ def test_the_report_tables_match_the_benchmark_results(suite, marker):
     table = run.markdown(run.SUITES[suite], records)
     assert match.group(1).strip() == table
     assert run.SUITES[suite].results.with_suffix(".md").read_text().strip() == table
+
+
+def test_the_brain_speed_benchmark_records_training_and_inference_speed_with_and_without_amp(tmp_path):
+    data = make_kaggle_3m(tmp_path, n_patients=10, slices_per_patient=(6, 7), image_size=64, seed=1)
+    output = tmp_path / "brain_speed.json"
+    arguments = [
+        "--quick",
+        "--budget",
+        "0.005",
+        "--workers",
+        "0",
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+    ]
+    assert brain_speed.main(arguments) == 0
+    records = json.loads(output.read_text())
+    mixed = "float16" if torch.cuda.is_available() else "bfloat16"
+    assert [(record["amp"], record["precision"]) for record in records] == [(False, "float32"), (True, mixed)]
+    for record in records:
+        assert record["train_slices_per_second"] > 0 and record["inference_slices_per_second"] > 0
+        assert 0.0 <= record["data_wait_share"] < 1.0 and 0.0 <= record["best_val_dsc"] <= 1.0
+        assert record["settings"]["image_size"] == 64 and record["quick"]
+    assert brain_speed.main(arguments) == 0
+    assert len(json.loads(output.read_text())) == 2, "a re-run replaces the records of the same device"
