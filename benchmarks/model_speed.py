@@ -1,7 +1,8 @@
 """Parameter count and CPU forward+backward time per batch for every network.
 
-2D networks run on 256x256 batches of 4, 3D networks on 64^3 batches of 1 (``--quick``: 32x32
-and 32^3 with width 4, a smoke check only). Each case has 1 warm-up and ``--repeats`` timed
+2D networks run on 256x256 batches of 4, 3D networks on 64^3 batches of 1, and the hippocampus
+benchmark's residual U-Nets on its patches, 4 at a time, channels-last, 3 classes (``--quick``: tiny
+sizes with width 4, a smoke check only). Each case has 1 warm-up and ``--repeats`` timed
 training steps (forward, mean of the logits, backward); the median is reported. Results go to
 benchmarks/results/model_speed.json (model_speed_quick.json with ``--quick``) and a markdown
 table is printed.
@@ -42,6 +43,15 @@ CASES_3D = [
     ("res_unet3d", "res_unet3d", {}),
     ("res_unet3d depth 3", "res_unet3d", {"depth": 3}),
 ]
+# The hippocampus benchmark's networks as they train there: batches of 4 patches, 3 classes,
+# channels-last; (label, options of res_unet3d, patch size)
+CASES_HIPPOCAMPUS = [
+    ("res_unet3d depth 3", {"depth": 3}, (40, 56, 40)),
+    ("res_unet3d depth 3", {"depth": 3}, (32, 48, 32)),
+    ("res_unet3d depth 3, full resolution 8", {"depth": 3, "full_resolution": 8}, (40, 56, 40)),
+    ("res_unet3d depth 3, full resolution 8", {"depth": 3, "full_resolution": 8}, (32, 48, 32)),
+    ("res_unet3d depth 3, full resolution 16", {"depth": 3, "full_resolution": 16}, (32, 48, 32)),
+]
 
 
 def cpu_name() -> str:
@@ -80,15 +90,29 @@ def time_training_step(model: torch.nn.Module, batch: torch.Tensor, repeats: int
     return times
 
 
-def run_case(label: str, name: str, options: dict, shape: tuple[int, ...], repeats: int) -> dict:
+def run_case(
+    label: str,
+    name: str,
+    options: dict,
+    shape: tuple[int, ...],
+    repeats: int,
+    out_channels: int = 1,
+    channels_last: bool = False,
+) -> dict:
     torch.manual_seed(0)
-    model = build_model(name, in_channels=1, out_channels=1, **options)
-    times = time_training_step(model, torch.randn(shape), repeats)
+    model = build_model(name, in_channels=1, out_channels=out_channels, **options)
+    batch = torch.randn(shape)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+        batch = batch.contiguous(memory_format=torch.channels_last_3d)
+    times = time_training_step(model, batch, repeats)
     return {
         "network": label,
         "model": name,
         "options": options,
         "input_shape": list(shape),
+        "out_channels": out_channels,
+        "channels_last": channels_last,
         "parameters": count_parameters(model),
         "median_seconds": statistics.median(times),
         "seconds": times,
@@ -134,6 +158,11 @@ def main() -> None:
                 options = {**options, "init_features": 4}
             results.append(run_case(label, name, options, shape, args.repeats))
             print(f"{label}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr)
+    for label, options, patch in CASES_HIPPOCAMPUS:
+        shape = (2, 1, 16, 24, 16) if args.quick else (4, 1, *patch)
+        options = {**options, "init_features": 4} if args.quick else options
+        results.append(run_case(label, "res_unet3d", options, shape, args.repeats, 3, channels_last=True))
+        print(f"{label} {patch}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr)
 
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

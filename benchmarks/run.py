@@ -101,13 +101,14 @@ SUITES = {
                 **LIGHT_AFFINE_BF16,
                 "model_options": {"depth": 3, "deep_supervision": True},
             },
-            "res_unet3d_fullres_affine30_bf16": {
-                **LIGHT_AFFINE_BF16,
-                "model_options": {"depth": 3, "full_resolution": 16},
-            },
             "res_unet3d_fullres8_affine30": FULL_RESOLUTION,
             # Patches of the foreground's size rather than the largest case's: 1.6 times the throughput.
             "res_unet3d_fullres8_affine30_p32": {**FULL_RESOLUTION, "patch_size": [32, 48, 32]},
+            "res_unet3d_fullres16_affine30_p32": {
+                **FULL_RESOLUTION,
+                "model_options": {"depth": 3, "full_resolution": 16},
+                "patch_size": [32, 48, 32],
+            },
             "res_unet3d_shallow_tta_affine30_bf16_instnorm": {
                 **LIGHT_AFFINE_BF16,
                 "model_options": {"depth": 3, "norm": "instance"},

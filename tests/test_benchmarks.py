@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import brain_speed  # noqa: E402
+import errors  # noqa: E402
+import numpy as np  # noqa: E402
 import run  # noqa: E402
 
 from synthetic import make_kaggle_3m  # noqa: E402
@@ -87,3 +89,19 @@ def test_the_brain_speed_benchmark_records_training_and_inference_speed_with_and
         assert record["settings"]["image_size"] == 64 and record["quick"]
     assert brain_speed.main(arguments) == 0
     assert len(json.loads(output.read_text())) == 2, "a re-run replaces the records of the same device"
+
+
+def test_the_error_summary_counts_confusions_and_finds_errors_on_the_boundary():
+    truth = np.zeros((7, 7, 7), np.int64)
+    truth[2:5, 2:5, 2:5] = 1
+    truth[3, 3, 3] = 2
+    predicted = truth.copy()
+    predicted[2, 2, 2] = 0  # a corner of the cube missed: on the boundary
+    predicted[3, 3, 3] = 1  # the inner voxel given the wrong class: inside, off the boundary band
+    predicted[0, 0, 0] = 2  # a false positive far from the cube
+    summary = errors.error_summary([(predicted, truth)], classes=3)
+    assert summary["confusion"] == [[315, 0, 1], [1, 25, 0], [0, 1, 0]]
+    assert summary["wrong_voxels"] == 3
+    assert summary["share_within_one_voxel_of_the_boundary"] == pytest.approx(1 / 3)
+    assert summary["share_between_foreground_classes"] == pytest.approx(1 / 3)
+    np.testing.assert_array_equal(errors.bounding_box_sizes([truth, predicted]), [[3, 3, 3], [5, 5, 5]])

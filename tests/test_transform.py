@@ -70,3 +70,15 @@ def test_intensity_jitter_changes_each_channel_by_a_bounded_gain_and_shift():
 def test_no_augmentation_builds_no_transform():
     assert build_transform(scale=0, degrees=0, flip_prob=0) is None
     assert build_transform() is not None
+
+
+def test_affine_prob_leaves_the_other_samples_exact_and_warps_about_that_share():
+    torch.manual_seed(2)
+    image, label = blob_pair((24, 32, 32))
+    augment = RandomAffine(scale=0.1, degrees=20, flip_prob=0.0, affine_prob=0.3)
+    warped = [not np.array_equal(augment(image, label)[1], label) for _ in range(200)]
+    assert 0.2 < np.mean(warped) < 0.4
+    never = RandomAffine(scale=0.1, degrees=20, flip_prob=0.0, affine_prob=0.0)
+    exact_image, exact_label = never(image, label)
+    np.testing.assert_array_equal(exact_image, image)
+    np.testing.assert_array_equal(exact_label, label)
