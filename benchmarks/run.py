@@ -110,6 +110,12 @@ SUITES = {
                 "init_features": 24,
                 "patch_size": [32, 48, 32],
             },
+            # Dice per patch, as the metric is per case; the patches nearly always hold both structures.
+            "res_unet3d_fullres8_affine30_p32_sample_dice": {
+                **FULL_RESOLUTION,
+                "patch_size": [32, 48, 32],
+                "loss_options": {"batch": False},
+            },
             "res_unet3d_fullres16_affine30_p32": {
                 **FULL_RESOLUTION,
                 "model_options": {"depth": 3, "full_resolution": 16},
