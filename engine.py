@@ -510,7 +510,7 @@ def evaluate(
             rows.append({"subset": wanted[case.case_id], **row, "seconds": seconds})
     if rows:
         write_metrics_csv(rows, output_dir / "dsc.csv")
-        plot_dsc(rows, output_dir / "dsc.png", title=f"{Path(run_dir).name}: per-case DSC")
+        plot_dsc(rows, output_dir / "dsc.png", title=f"{Path(run_dir).name}\nper-case DSC")
         for subset in dict.fromkeys(row["subset"] for row in rows):
             chosen = [row for row in rows if row["subset"] == subset]
             raw = np.mean([row["dsc_mean"] for row in chosen])

@@ -261,9 +261,9 @@ def markdown_table(rows: list[dict], columns: Sequence[str] | None = None) -> st
 def plot_dsc(rows: list[dict], path: str | Path, column: str = "dsc_mean", title: str | None = None) -> Path:
     """Horizontal bar chart of one metric per case, sorted so the worst case is at the bottom.
 
-    Vertical lines mark the mean and the median (values in the legend); NaN values are left out
-    of both. The figure grows with the number of cases. Drawn on a standalone Agg figure, so it
-    never changes the pyplot backend of a notebook. Returns the path.
+    Vertical lines mark the mean and the median (values in the legend, below the plot); NaN values
+    are left out of both. The figure grows with the number of cases. Drawn on a standalone Agg
+    figure, so it never changes the pyplot backend of a notebook. Returns the path.
     """
     if not rows:
         raise ValueError(f"no rows to plot into {path}")
@@ -291,7 +291,7 @@ def plot_dsc(rows: list[dict], path: str | Path, column: str = "dsc_mean", title
         axes.set_xlim(0.0, 1.0)
     axes.set_xlabel(column)
     axes.set_title(title if title is not None else f"{column} per case")
-    axes.legend(loc="lower right")
+    figure.legend(loc="outside lower center", ncols=2)  # below the axes: inside, it hides the worst bars
     axes.grid(axis="x", alpha=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
