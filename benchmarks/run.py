@@ -116,6 +116,12 @@ SUITES = {
                 "patch_size": [32, 48, 32],
                 "loss_options": {"batch": False},
             },
+            # Half the patches scaled 0.75 to 1.25 in intensity (nnU-Net's brightness range) and shifted.
+            "res_unet3d_fullres8_affine30_p32_intensity25": {
+                **FULL_RESOLUTION,
+                "patch_size": [32, 48, 32],
+                "aug_intensity": 0.25,
+            },
             "res_unet3d_fullres16_affine30_p32": {
                 **FULL_RESOLUTION,
                 "model_options": {"depth": 3, "full_resolution": 16},
