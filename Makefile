@@ -43,7 +43,7 @@ bench: install
 	$(PY) benchmarks/run.py --configs res_unet3d_tta res_unet3d_shallow_tta $(LIGHT_AFFINE) --budget 5 --tuned
 	$(PY) benchmarks/run.py --configs unet2d_dice_focal res_unet3d_tta res_unet3d_shallow_wide_tta \
 		res_unet3d_shallow_tta_affine30_bf16 res_unet3d_fullres8_affine30 res_unet3d_fullres16_affine30_p32 \
-		$(BEST)_f24 $(BEST)_sample_dice --budget 20 --tuned
+		$(BEST)_f24 $(BEST)_sample_dice $(BEST)_intensity25 --budget 20 --tuned
 	$(PY) benchmarks/run.py --configs res_unet3d_shallow_tta $(BEST) --budget 20 --tuned --seeds 0 1
 	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-$(BEST)_tuned-20min-seed0
 	$(PY) benchmarks/errors.py runs/benchmarks/hippocampus-$(BEST)_tuned-20min-seed0
