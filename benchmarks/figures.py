@@ -10,6 +10,7 @@ foreground, enlarged (nearest neighbour) so that small hippocampus slices stay r
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from utils import plot_dsc, read_metrics_csv  # noqa: E402
+from utils import read_metrics_csv  # noqa: E402
 
 SCALE = 4
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     inference = args.run_dir / "inference"
     rows = sorted(read_metrics_csv(inference / "dsc.csv"), key=lambda row: row["dsc_mean"])
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_dsc(rows, args.out / "dsc.png", title=f"{args.run_dir.name}\nper-case DSC")
+    shutil.copyfile(inference / "dsc.png", args.out / "dsc.png")
     picks = {"worst": rows[0], "median": rows[len(rows) // 2], "best": rows[-1]}
     for label, row in picks.items():
         source = busiest_slice(inference / "predictions", row["case"])
