@@ -169,6 +169,20 @@ def to_labels(logits: torch.Tensor) -> np.ndarray:
     return logits.argmax(0).numpy().astype(np.uint8)
 
 
+def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Logits (K, *spatial) whose softmax, or sigmoid for one channel, is the networks' mean probability.
+
+    Probabilities rather than logits are averaged, as nnU-Net does: one network's overconfident logits
+    cannot outvote the others. The log of the mean stands in for logits so `to_labels` applies unchanged.
+    """
+    if len(logits) == 1:
+        return logits[0]
+    if logits[0].shape[0] == 1:
+        return torch.logit(sum(torch.sigmoid(x.float()) for x in logits) / len(logits), eps=1e-7)
+    mean = sum(torch.softmax(x.float(), 0) for x in logits) / len(logits)
+    return mean.clamp_min(torch.finfo(mean.dtype).tiny).log()
+
+
 def _autocast(device: torch.device, enabled: bool):
     """Mixed precision where asked: bfloat16 on CPU, float16 on CUDA."""
     if not enabled:
@@ -459,7 +473,7 @@ def write_prediction(case: Case, predicted: np.ndarray, folder: Path, suffix: st
 
 
 def evaluate(
-    run_dir: str | Path,
+    run_dir: str | Path | Sequence[str | Path],
     data_dir: str | None = None,
     subsets: Sequence[str] = ("validation", "test"),
     output_dir: str | Path | None = None,
@@ -472,28 +486,41 @@ def evaluate(
     that folder, labelled or not; unlabelled cases get prediction overlays and GIFs but no DSC. Scans
     (luna, msd) also get their predicted label map written on the source grid (.mhd for LUNA16, .nii.gz
     for NIfTI) so that it overlays on the scan in a viewer. mirror_tta: test-time mirroring on or off
-    (None: as the run was trained). Returns the output folder and the rows.
+    (None: as the run was trained). A list of run folders predicts with their ensemble (the mean of
+    their probabilities); the runs must share the data set, its classes and, without data_dir, the split.
+    Returns the output folder and the rows.
     """
+    run_dirs = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(d) for d in run_dir]
+    if not run_dirs:
+        raise ValueError("evaluate needs at least one run folder")
     torch_device = select_device(device)
-    config, args, model = load_run(run_dir, torch_device)
+    runs = [load_run(folder, torch_device) for folder in run_dirs]
+    shared = ["dataset", "class_names", "in_channels"] + (["split"] if data_dir is None else [])
+    for folder, (_, other, _) in zip(run_dirs[1:], runs[1:], strict=True):
+        differ = [key for key in shared if other[key] != runs[0][1][key]]
+        if differ:
+            raise ValueError(f"{folder} differs from {run_dirs[0]} in {differ}: an ensemble must share them")
     if mirror_tta is not None:
-        config = dataclasses.replace(config, mirror_tta=mirror_tta)
+        runs = [(dataclasses.replace(config, mirror_tta=mirror_tta), a, m) for config, a, m in runs]
+    config, args, _ = runs[0]
     info: DatasetInfo = args["info"]
-    shapes = args["shapes"]
+    name = run_dirs[0].name if len(runs) == 1 else f"{run_dirs[0].name} (ensemble of {len(runs)})"
+    default_output = "inference" if len(runs) == 1 else f"inference-ensemble{len(runs)}"
     if data_dir is None:
         wanted = {case_id: subset for subset in subsets for case_id in args["split"][subset]}
         cases, _ = load_cases(config)
         cases = [case for case in cases if case.case_id in wanted]
-        output_dir = Path(output_dir or Path(run_dir) / "inference")
+        output_dir = Path(output_dir or run_dirs[0] / default_output)
     else:
         cases, _ = load_cases(config, data_dir, require_labels=False)
         wanted = {case.case_id: Path(data_dir).name for case in cases}
-        output_dir = Path(output_dir or Path(run_dir) / f"inference-{Path(data_dir).name}")
+        output_dir = Path(output_dir or run_dirs[0] / f"{default_output}-{Path(data_dir).name}")
     suffix = ".mhd" if config.dataset == "luna" else ".nii.gz"
     rows = []
     for case in tqdm(cases, desc="cases"):
         started = time.perf_counter()
-        predicted = to_labels(predict_case(model, case.image, torch_device, shapes, config))
+        logits = [predict_case(m, case.image, torch_device, a["shapes"], c) for c, a, m in runs]
+        predicted = to_labels(ensemble_logits(logits))
         seconds = time.perf_counter() - started
         save_case_figures(
             case.case_id,
@@ -510,7 +537,7 @@ def evaluate(
             rows.append({"subset": wanted[case.case_id], **row, "seconds": seconds})
     if rows:
         write_metrics_csv(rows, output_dir / "dsc.csv")
-        plot_dsc(rows, output_dir / "dsc.png", title=f"{Path(run_dir).name}\nper-case DSC")
+        plot_dsc(rows, output_dir / "dsc.png", title=f"{name}\nper-case DSC")
         for subset in dict.fromkeys(row["subset"] for row in rows):
             chosen = [row for row in rows if row["subset"] == subset]
             raw = np.mean([row["dsc_mean"] for row in chosen])

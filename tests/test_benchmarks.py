@@ -47,6 +47,23 @@ def test_the_runner_completes_a_tiny_configuration_with_every_field_plausible(tm
     assert (tmp_path / "results.md").read_text().count("\n") == 4
 
 
+@needs_real_data
+def test_an_ensemble_configuration_trains_members_on_shares_of_the_budget_and_tests_them_together(tmp_path):
+    results, runs = tmp_path / "results.json", tmp_path / "runs"
+    name = "res_unet3d_fullres8_affine30_p32_intensity25_ensemble2"
+    arguments = ["--quick", "--cases", "10", "--configs", name, "--budget", "0.02", "--seeds", "3"]
+    assert run.main([*arguments, "--results", str(results), "--runs", str(runs)]) == 0
+    (record,) = json.loads(results.read_text())
+    assert record["settings"]["ensemble"] == 2
+    assert record["epochs"] == sum(record["member_epochs"]) == 2
+    run_name = f"hippocampus-{name}-0.02min-seed3"
+    for member, seed in enumerate((3, 103)):
+        args = json.loads((runs / f"{run_name}-member{member}" / "args.json").read_text())
+        assert (args["seed"], args["time_budget_minutes"]) == (seed, 0.01)
+    table = runs / run_name / "inference" / "dsc.csv"
+    assert len(table.read_text().splitlines()) == 1 + record["test_cases"]
+
+
 def test_a_missing_data_folder_is_refused_with_a_clear_message(tmp_path, capsys):
     assert run.main(["--data", str(tmp_path)]) == 2
     assert "is not the MSD hippocampus folder" in capsys.readouterr().err

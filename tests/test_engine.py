@@ -9,6 +9,7 @@ import torch
 
 from engine import (
     TrainConfig,
+    ensemble_logits,
     evaluate,
     load_cases,
     load_run,
@@ -137,3 +138,51 @@ def test_mirror_tta_flips_the_trained_axes_at_inference_only(tmp_path, hippocamp
     with torch.no_grad():
         expected = (model(slices) + model(slices.flip(2)).flip(2)).movedim(0, 1) / 2
     assert torch.allclose(predict_case(model, image, torch.device("cpu"), {}, config), expected, atol=1e-5)
+
+
+def test_an_ensemble_averages_probabilities_not_logits():
+    sure, extreme = torch.tensor([[0.0], [4.0], [0.0]]), torch.tensor([[0.0], [-30.0], [1.0]])
+    combined = ensemble_logits([sure, extreme])
+    mean = (torch.softmax(sure, 0) + torch.softmax(extreme, 0)) / 2
+    assert torch.allclose(torch.softmax(combined, 0), mean, atol=1e-6)
+    assert combined.argmax(0).item() == 1 and (sure + extreme).argmax(0).item() == 2
+    single = torch.tensor([[-1.0, 3.0]])
+    assert torch.allclose(torch.sigmoid(ensemble_logits([single, -single])), torch.full((1, 2), 0.5))
+    assert ensemble_logits([sure]) is sure
+
+
+def test_evaluate_predicts_with_the_ensemble_of_several_runs(tmp_path, hippocampus):
+    settings = {
+        "dataset": "msd",
+        "data_dir": str(hippocampus),
+        "model": "unet",
+        "loss": "dice_ce",
+        "split_seed": 0,
+    }
+    first = tiny(tmp_path, run_name="first", seed=1, **settings)
+    second = tiny(tmp_path, run_name="second", seed=2, **settings)
+    train(first)
+    train(second)
+    result = evaluate([first.run_dir, second.run_dir], subsets=["test"])
+    assert result["output_dir"] == first.run_dir / "inference-ensemble2"
+    (row,) = result["rows"]
+    (case,) = [case for case in load_cases(first)[0] if case.case_id == row["case"]]
+    probabilities = []
+    for run_dir in (first.run_dir, second.run_dir):
+        config, args, model = load_run(run_dir, torch.device("cpu"))
+        logits = predict_case(model, case.image, torch.device("cpu"), args["shapes"], config)
+        probabilities.append(torch.softmax(logits, 0))
+    expected = ((probabilities[0] + probabilities[1]) / 2).argmax(0).numpy()
+    predicted, _ = read_volume(result["output_dir"] / "labels" / f"{row['case']}.nii.gz")
+    assert np.array_equal(predicted, expected)
+    assert not np.array_equal(probabilities[0].argmax(0).numpy(), probabilities[1].argmax(0).numpy())
+
+
+def test_an_ensemble_of_runs_with_different_splits_is_refused(tmp_path, hippocampus):
+    settings = {"dataset": "msd", "data_dir": str(hippocampus), "model": "unet"}
+    first = tiny(tmp_path, run_name="first", **settings)
+    other = tiny(tmp_path, run_name="other", split_seed=5, **settings)
+    train(first)
+    train(other)
+    with pytest.raises(ValueError, match=r"other differs from .*first in \['split'\]"):
+        evaluate([first.run_dir, other.run_dir])
