@@ -10,6 +10,7 @@ import math
 import os
 import random
 import tempfile
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -258,6 +259,11 @@ def markdown_table(rows: list[dict], columns: Sequence[str] | None = None) -> st
     return "\n".join(lines)
 
 
+def wrap_title(title: str, width: int = 75) -> str:
+    """A title's lines wrapped to fit a 7-inch figure (long run names break after their hyphens)."""
+    return "\n".join("\n".join(textwrap.wrap(line, width)) for line in title.splitlines())
+
+
 def plot_dsc(rows: list[dict], path: str | Path, column: str = "dsc_mean", title: str | None = None) -> Path:
     """Horizontal bar chart of one metric per case, sorted so the worst case is at the bottom.
 
@@ -290,7 +296,7 @@ def plot_dsc(rows: list[dict], path: str | Path, column: str = "dsc_mean", title
     if column.startswith("dsc"):
         axes.set_xlim(0.0, 1.0)
     axes.set_xlabel(column)
-    axes.set_title(title if title is not None else f"{column} per case")
+    figure.suptitle(wrap_title(title if title is not None else f"{column} per case"))  # centred on the figure
     figure.legend(loc="outside lower center", ncols=2)  # below the axes: inside, it hides the worst bars
     axes.grid(axis="x", alpha=0.3)
     path = Path(path)

@@ -256,6 +256,14 @@ def test_plot_dsc_writes_a_png_that_grows_with_the_number_of_cases(tmp_path):
     assert large.shape[0] > small.shape[0]
 
 
+def test_long_plot_titles_wrap_to_the_width_and_keep_their_text():
+    title = "hippocampus-res_unet3d_fullres8_affine30_p32-20min-seed0-member0 (ensemble of 2)\nper-case DSC"
+    wrapped = utils.wrap_title(title, width=40)
+    assert [len(line) <= 40 for line in wrapped.splitlines()] == [True] * 4
+    assert "".join(wrapped.split()) == "".join(title.split())
+    assert utils.wrap_title("short\nper-case DSC") == "short\nper-case DSC"
+
+
 def test_markdown_table_formats_floats_and_keeps_column_order():
     rows = [{"case": "a", "dsc_mean": 0.5, "n": 3}, {"case": "b", "dsc_mean": 0.25, "n": 4}]
     assert utils.markdown_table(rows, ["case", "dsc_mean"]).splitlines() == [
