@@ -30,21 +30,23 @@ lint: install
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir runs
 
-# Benchmarks on this machine (about 8 hours on 2 CPU cores; the hippocampus suite needs ../shared/data).
+# Benchmarks on this machine (about 9 hours on 2 CPU cores; the hippocampus suite needs ../shared/data).
 # The 20-minute runs use channels-last and the poly learning-rate schedule (--tuned); see report.md.
 SHORT := unet2d unet2d_poly attention_unet2d unet_pp2d_ds unet3d res_unet3d res_unet3d_flip_all vnet \
 	unet2d_dice unet2d_dice_focal unet2d_tversky
 LIGHT_AFFINE := res_unet3d_shallow_tta_affine30 res_unet3d_shallow_tta_affine30_bf16 \
 	res_unet3d_shallow_tta_affine30_bf16_ds res_unet3d_shallow_tta_affine30_bf16_instnorm res_unet3d_fullres8_affine30
-BEST := res_unet3d_fullres8_affine30_p32
+P32 := res_unet3d_fullres8_affine30_p32
+BEST := $(P32)_intensity25_ensemble2
 bench: install
 	$(PY) benchmarks/run.py --configs unet2d unet2d_workers2 unet2d_channels_last unet2d_amp_bf16 unet2d_compile --budget 1
 	$(PY) benchmarks/run.py --configs $(SHORT) --budget 3 --seeds 0 1
 	$(PY) benchmarks/run.py --configs res_unet3d_tta res_unet3d_shallow_tta $(LIGHT_AFFINE) --budget 5 --tuned
 	$(PY) benchmarks/run.py --configs unet2d_dice_focal res_unet3d_tta res_unet3d_shallow_wide_tta \
 		res_unet3d_shallow_tta_affine30_bf16 res_unet3d_fullres8_affine30 res_unet3d_fullres16_affine30_p32 \
-		$(BEST)_f24 $(BEST)_sample_dice $(BEST)_intensity25 --budget 20 --tuned
-	$(PY) benchmarks/run.py --configs res_unet3d_shallow_tta $(BEST) --budget 20 --tuned --seeds 0 1
+		$(P32)_f24 $(P32)_sample_dice --budget 20 --tuned
+	$(PY) benchmarks/run.py --configs res_unet3d_shallow_tta $(P32) $(P32)_intensity25 $(BEST) \
+		--budget 20 --tuned --seeds 0 1
 	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-$(BEST)_tuned-20min-seed0
 	$(PY) benchmarks/errors.py runs/benchmarks/hippocampus-$(BEST)_tuned-20min-seed0
 	$(PY) benchmarks/run.py --suite brain --budget 2

@@ -114,6 +114,10 @@ class TrainConfig:
 RESUMABLE = {"resume", "num_workers", "device", "epochs", "vis_freq", "time_budget_minutes"}
 
 
+# The settings that decide how load_cases prepares a data set: networks that differ in them see other inputs.
+PREPROCESSING = ("dataset", "image_size", "edge_slices", "spacing", "hu_window", "lung_labels")
+
+
 def load_cases(config: TrainConfig, data_dir: str | None = None, require_labels: bool = True):
     """The dataset's preprocessed cases and its description (classes, channels)."""
     return load_dataset(
@@ -487,7 +491,8 @@ def evaluate(
     (luna, msd) also get their predicted label map written on the source grid (.mhd for LUNA16, .nii.gz
     for NIfTI) so that it overlays on the scan in a viewer. mirror_tta: test-time mirroring on or off
     (None: as the run was trained). A list of run folders predicts with their ensemble (the mean of
-    their probabilities); the runs must share the data set, its classes and, without data_dir, the split.
+    their probabilities); the runs must share the data set, its preprocessing, its classes and, without
+    data_dir, the split.
     Returns the output folder and the rows.
     """
     run_dirs = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(d) for d in run_dir]
@@ -495,9 +500,9 @@ def evaluate(
         raise ValueError("evaluate needs at least one run folder")
     torch_device = select_device(device)
     runs = [load_run(folder, torch_device) for folder in run_dirs]
-    shared = ["dataset", "class_names", "in_channels"] + (["split"] if data_dir is None else [])
+    shared = [*PREPROCESSING, "class_names", "in_channels"] + (["split"] if data_dir is None else [])
     for folder, (_, other, _) in zip(run_dirs[1:], runs[1:], strict=True):
-        differ = [key for key in shared if other[key] != runs[0][1][key]]
+        differ = [key for key in shared if other.get(key) != runs[0][1].get(key)]
         if differ:
             raise ValueError(f"{folder} differs from {run_dirs[0]} in {differ}: an ensemble must share them")
     if mirror_tta is not None:

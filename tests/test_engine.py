@@ -178,11 +178,15 @@ def test_evaluate_predicts_with_the_ensemble_of_several_runs(tmp_path, hippocamp
     assert not np.array_equal(probabilities[0].argmax(0).numpy(), probabilities[1].argmax(0).numpy())
 
 
-def test_an_ensemble_of_runs_with_different_splits_is_refused(tmp_path, hippocampus):
+@pytest.mark.parametrize(("setting", "value"), [("split_seed", 5), ("spacing", 1.5)])
+def test_an_ensemble_of_runs_with_another_split_or_preprocessing_is_refused(
+    tmp_path, hippocampus, setting, value
+):
     settings = {"dataset": "msd", "data_dir": str(hippocampus), "model": "unet"}
     first = tiny(tmp_path, run_name="first", **settings)
-    other = tiny(tmp_path, run_name="other", split_seed=5, **settings)
+    other = tiny(tmp_path, run_name="other", **{**settings, setting: value})
     train(first)
     train(other)
-    with pytest.raises(ValueError, match=r"other differs from .*first in \['split'\]"):
+    differ = "split" if setting == "split_seed" else setting
+    with pytest.raises(ValueError, match=rf"other differs from .*first in \['{differ}'\]"):
         evaluate([first.run_dir, other.run_dir])

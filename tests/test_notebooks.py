@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import TrainConfig, data_shapes, load_cases, make_model, validate
+from engine import TrainConfig, data_shapes, evaluate, load_cases, make_model, validate
 from loss import build_loss
 from synthetic import make_decathlon, make_kaggle_3m, make_luna
 from utils import read_metrics_csv, seed_everything
@@ -90,6 +90,21 @@ def test_inference_notebook_writes_the_dsc_table_plot_overlays_and_gifs(trained_
         gif = Image.open(output / "predictions" / f"{case_id}.gif")
         assert len(pngs) >= 8
         assert gif.n_frames == len(pngs)
+
+
+def test_inference_notebook_takes_a_list_of_runs_as_an_ensemble(trained_run):
+    tmp_path, settings = trained_run
+    run_dir = Path(settings["runs_dir"]) / "tiny"
+    papermill.execute_notebook(
+        str(REPO / "inference.ipynb"),
+        str(tmp_path / "inference-ensemble.ipynb"),
+        parameters={"run_dir": [str(run_dir), str(run_dir)], "subsets": ["test"]},
+        cwd=str(REPO),
+    )
+    (row,) = read_metrics_csv(run_dir / "inference-ensemble2" / "dsc.csv")
+    (alone,) = evaluate(run_dir, subsets=["test"], output_dir=tmp_path / "alone")["rows"]
+    assert row["case"] == alone["case"]
+    assert row["dsc_mean"] == pytest.approx(alone["dsc_mean"], abs=1e-4)  # two copies predict as one
 
 
 def test_inference_predicts_a_folder_without_masks(trained_run):
