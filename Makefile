@@ -45,8 +45,8 @@ bench: install
 	$(PY) benchmarks/run.py --configs unet2d_dice_focal res_unet3d_tta res_unet3d_shallow_wide_tta \
 		res_unet3d_shallow_tta_affine30_bf16 res_unet3d_fullres8_affine30 res_unet3d_fullres16_affine30_p32 \
 		$(P32)_f24 $(P32)_sample_dice --budget 20 --tuned
-	$(PY) benchmarks/run.py --configs res_unet3d_shallow_tta $(P32) $(P32)_intensity25 $(BEST) \
-		--budget 20 --tuned --seeds 0 1
+	$(PY) benchmarks/run.py --configs res_unet3d_shallow_tta $(P32) $(P32)_intensity25 --budget 20 --tuned --seeds 0 1
+	$(PY) benchmarks/run.py --configs $(BEST) --budget 20 --tuned --seeds 0 1 2
 	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-$(BEST)_tuned-20min-seed0
 	$(PY) benchmarks/errors.py runs/benchmarks/hippocampus-$(BEST)_tuned-20min-seed0
 	$(PY) benchmarks/run.py --suite brain --budget 2

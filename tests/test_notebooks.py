@@ -45,14 +45,16 @@ def untrained_validation_dsc(settings: dict) -> float:
     return dsc
 
 
+def run_notebook(name: str, executed: Path, **parameters) -> None:
+    papermill.execute_notebook(str(REPO / name), str(executed), parameters=parameters, cwd=str(REPO))
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("notebooks")
     make_kaggle_3m(tmp_path / "data", n_patients=6, slices_per_patient=(12, 14), seed=3)
     settings = tiny_settings(tmp_path)
-    papermill.execute_notebook(
-        str(REPO / "train.ipynb"), str(tmp_path / "train.ipynb"), parameters=settings, cwd=str(REPO)
-    )
+    run_notebook("train.ipynb", tmp_path / "train.ipynb", **settings)
     return tmp_path, settings
 
 
@@ -73,12 +75,7 @@ def test_train_notebook_writes_weights_settings_logs_and_beats_an_untrained_netw
 def test_inference_notebook_writes_the_dsc_table_plot_overlays_and_gifs(trained_run):
     tmp_path, settings = trained_run
     run_dir = Path(settings["runs_dir"]) / "tiny"
-    papermill.execute_notebook(
-        str(REPO / "inference.ipynb"),
-        str(tmp_path / "inference.ipynb"),
-        parameters={"run_dir": str(run_dir)},
-        cwd=str(REPO),
-    )
+    run_notebook("inference.ipynb", tmp_path / "inference.ipynb", run_dir=str(run_dir))
     output = run_dir / "inference"
     rows = read_metrics_csv(output / "dsc.csv")
     split = json.loads((run_dir / "args.json").read_text())["split"]
@@ -95,11 +92,8 @@ def test_inference_notebook_writes_the_dsc_table_plot_overlays_and_gifs(trained_
 def test_inference_notebook_takes_a_list_of_runs_as_an_ensemble(trained_run):
     tmp_path, settings = trained_run
     run_dir = Path(settings["runs_dir"]) / "tiny"
-    papermill.execute_notebook(
-        str(REPO / "inference.ipynb"),
-        str(tmp_path / "inference-ensemble.ipynb"),
-        parameters={"run_dir": [str(run_dir), str(run_dir)], "subsets": ["test"]},
-        cwd=str(REPO),
+    run_notebook(
+        "inference.ipynb", tmp_path / "inference-ensemble.ipynb", run_dir=[str(run_dir)] * 2, subsets=["test"]
     )
     (row,) = read_metrics_csv(run_dir / "inference-ensemble2" / "dsc.csv")
     (alone,) = evaluate(run_dir, subsets=["test"], output_dir=tmp_path / "alone")["rows"]
@@ -117,11 +111,11 @@ def test_inference_predicts_a_folder_without_masks(trained_run):
         if not image.name.endswith("_mask.tif"):
             (unlabelled / patient.name / image.name).write_bytes(image.read_bytes())
     run_dir = Path(settings["runs_dir"]) / "tiny"
-    papermill.execute_notebook(
-        str(REPO / "inference.ipynb"),
-        str(tmp_path / "inference-unlabelled.ipynb"),
-        parameters={"run_dir": str(run_dir), "data_dir": str(unlabelled)},
-        cwd=str(REPO),
+    run_notebook(
+        "inference.ipynb",
+        tmp_path / "inference-unlabelled.ipynb",
+        run_dir=str(run_dir),
+        data_dir=str(unlabelled),
     )
     output = run_dir / "inference-unlabelled"
     assert not (output / "dsc.csv").exists()
@@ -152,16 +146,9 @@ def test_both_notebooks_run_on_tiny_volumetric_sets(tmp_path, dataset, model, ma
         "patches_per_epoch": 8,
         "batch_size": 2,
     }
-    papermill.execute_notebook(
-        str(REPO / "train.ipynb"), str(tmp_path / "train.ipynb"), parameters=settings, cwd=str(REPO)
-    )
+    run_notebook("train.ipynb", tmp_path / "train.ipynb", **settings)
     run_dir = tmp_path / "runs" / f"tiny-{dataset}"
-    papermill.execute_notebook(
-        str(REPO / "inference.ipynb"),
-        str(tmp_path / "inference.ipynb"),
-        parameters={"run_dir": str(run_dir)},
-        cwd=str(REPO),
-    )
+    run_notebook("inference.ipynb", tmp_path / "inference.ipynb", run_dir=str(run_dir))
     rows = read_metrics_csv(run_dir / "inference" / "dsc.csv")
     assert len(rows) == 2
     suffix = ".mhd" if dataset == "luna" else ".nii.gz"
