@@ -268,13 +268,14 @@ def run_one(suite_name: str, name: str, seed: int, args: argparse.Namespace, dat
     }
     if quick:
         settings |= {"epochs": 1, "patches_per_epoch": 4, "batch_size": 2}
-    members = settings.pop("ensemble", 1)
+    members = settings.get("ensemble", 1)
+    train_settings = {key: value for key, value in settings.items() if key != "ensemble"}
     fixed = json.loads(SPLIT.read_text())["test"] if SPLIT.exists() else None
     histories, run_dirs = [], []
     for member in range(members):
-        member_settings = settings
+        member_settings = train_settings
         if members > 1:
-            member_settings = settings | {
+            member_settings = train_settings | {
                 "run_name": f"{run_name}-member{member}",
                 "seed": seed + 100 * member,
                 "time_budget_minutes": budget / members,
@@ -298,7 +299,7 @@ def run_one(suite_name: str, name: str, seed: int, args: argparse.Namespace, dat
     if torch.cuda.is_available():
         record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     record |= {
-        "settings": settings | ({"ensemble": members} if members > 1 else {}),
+        "settings": settings,
         "commit": code_version,
         "device": device_name(),
         "torch": torch.__version__,
