@@ -1,135 +1,126 @@
-"""Training and inference loops behind train.ipynb and inference.ipynb.
+"""Training and inference loops behind train.ipynb, train.py and inference.ipynb.
 
-`train(config)` fits a 2D network on slices or a 3D network on patches, keeps the best weights by validation
-mean per-volume DSC and resumes an interrupted run; `evaluate(run_dir)` rebuilds the network from the run's
-`args.json` and writes the per-case metric table, its bar plot, overlays, GIFs and, for scans, the predicted
-label maps on the source grid.
+`train(config)` fits a 2D network on slices or a 3D network on patches, in one process or in each process of
+a torchrun run, keeps the best weights by validation mean per-volume DSC, and resumes an interrupted run to
+exactly the result it would have had; `evaluate(run_dir)` rebuilds the network from the run's `args.json`
+and writes, on each case's source grid, the per-case metric table, its bar plot, overlays, GIFs and, for
+scans, the predicted label maps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
+import hashlib
 import math
+import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+import distributed
+from config import TrainConfig
 from dataset import (
     Case,
     DatasetInfo,
+    EpochSampler,
     PatchDataset,
     SliceDataset,
     center_pad_or_crop,
-    load_dataset,
+    find_sources,
+    has_label,
+    make_plan,
+    prepare_cases,
+    probabilities_to_labels,
+    read_source,
     slice_sampling_weights,
     split_cases,
+    to_source_grid,
 )
 from logger import Logger
 from loss import DeepSupervisionLoss, build_loss
 from models import build_model
+from runs import (
+    ARGS,
+    CHECKPOINT,
+    RESULT,
+    WEIGHTS,
+    RunLock,
+    clear_run,
+    read_checkpoint,
+    read_json,
+    remove_leftovers,
+    save_state,
+)
 from sliding_window import predict_padded, sliding_window_inference
 from transform import build_transform
 from utils import (
+    POSTPROCESSING,
     case_metrics,
     dice_per_class,
     overlay,
     plot_dsc,
+    postprocess,
+    radiological_view,
     save_case_figures,
-    save_checkpoint_atomic,
     seed_everything,
     select_device,
+    to_view,
     write_json_atomic,
     write_metrics_csv,
 )
-from volumes import resample_to_shape, write_volume
+from volumes import Geometry, write_volume
 
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a training run; the defaults are the reference brain-MRI experiment."""
-
-    run_name: str = "unet"  # the run's folder under runs_dir
-    runs_dir: str = "runs"
-    dataset: str = "kaggle_3m"  # kaggle_3m, luna, msd
-    data_dir: str = "data/kaggle_3m"
-    cache_dir: str = ".cache"  # preprocessed volumes, never inside data_dir
-    image_size: int = 256  # kaggle_3m: slices resized to image_size²
-    edge_slices: int = 1  # kaggle_3m: slices dropped at each end of a volume
-    spacing: float | None = None  # luna, msd: isotropic resampling in mm (luna: 2.5 when None)
-    hu_window: list = dataclasses.field(default_factory=lambda: [-1000.0, 400.0])  # CT clip in HU
-    lung_labels: list = dataclasses.field(default_factory=lambda: [3, 4])  # luna: mask labels = lung
-    validation_cases: int = 10
-    test_cases: int = 10
-    model: str = "unet"  # unet, attention_unet, unet_pp (2D); unet3d, vnet (3D)
-    init_features: int = 32
-    model_options: dict = dataclasses.field(default_factory=dict)
-    loss: str = "dice"  # dice, bce, ce, dice_bce, dice_ce, focal, dice_focal, tversky
-    loss_options: dict = dataclasses.field(default_factory=dict)
-    slice_axis: int = 0  # 2D networks on volumes: the spatial axis slices are taken along
-    patch_size: list | None = None  # 3D networks: training patch and inference window (D, H, W)
-    patches_per_epoch: int = 250  # 3D networks: patches drawn per epoch
-    foreground_ratio: float = 0.33  # 3D networks: share of patches centred on foreground
-    overlap: float = 0.5  # 3D inference: overlap of the sliding windows
-    mirror_tta: bool = False  # inference: average over the flips of aug_flip_axes (not in validation)
-    epochs: int = 100
-    time_budget_minutes: float | None = None  # stop training (then validate once more) after this long
-    batch_size: int = 16
-    lr: float = 1e-4
-    lr_schedule: str = "constant"  # constant, or poly: lr × (1 - progress)^0.9 as nnU-Net
-    aug_scale: float = 0.05
-    aug_angle: float = 15.0
-    aug_flip: float = 0.5
-    aug_flip_axes: list = dataclasses.field(default_factory=lambda: [-1])  # input axes mirrored (-1: width)
-    aug_intensity: float = 0.0  # random per-channel gain and shift (0: off)
-    aug_affine_prob: float = 1.0  # share of samples scaled and rotated (nnU-Net: 0.2 each); the rest exact
-    num_workers: int = 0
-    amp: bool = False  # automatic mixed precision: bfloat16 on CPU, float16 on CUDA
-    channels_last: bool = True  # measured faster on CPU for the 2D U-Net (report.md)
-    compile_model: bool = False  # torch.compile the network
-    vis_freq: int = 10  # epochs between overlay images in TensorBoard
-    seed: int = 42
-    split_seed: int | None = None  # seed of the train/validation/test split; None: the same as seed
-    device: str = "auto"  # auto, cpu, cuda
-    resume: bool = True  # continue an interrupted run with the same settings
-
-    @classmethod
-    def from_namespace(cls, namespace: Mapping) -> TrainConfig:
-        """The settings found in a namespace (a notebook's globals()); the rest keep their defaults."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in namespace.items() if k in names})
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.run_name
-
+__all__ = ["TrainConfig", "evaluate", "load_run", "train"]
 
 # Settings that may change between an interrupted run and its resumption without changing its result.
-RESUMABLE = {"resume", "num_workers", "device", "epochs", "vis_freq", "time_budget_minutes"}
+RESUMABLE = {
+    "resume",
+    "num_workers",
+    "preprocess_workers",
+    "device",
+    "epochs",
+    "vis_freq",
+    "time_budget_minutes",
+    "runs_dir",
+    "run_name",
+    "data_dir",
+    "cache_dir",
+}
+# The settings that decide how a data set is prepared: ensemble members must agree on them.
+PREPROCESSING = ("dataset", "plan")
+TIMING = ("seconds", "data_seconds", "samples_per_second", "validation_seconds")  # wall-clock history fields
 
 
-# The settings that decide how load_cases prepares a data set: networks that differ in them see other inputs.
-PREPROCESSING = ("dataset", "image_size", "edge_slices", "spacing", "hu_window", "lung_labels")
+def load_cases(
+    config: TrainConfig, data_dir: str | None = None, require_labels: bool = True, plan: dict | None = None
+) -> tuple[list[Case], DatasetInfo, dict]:
+    """A data set's preprocessed cases, its description (classes, channels) and its plan.
+
+    Without `plan`, the plan is made from every labelled case (for tools and tests); training and
+    evaluation pass the one decided from the run's training cases.
+    """
+    sources, info = find_sources(config.dataset, data_dir or config.data_dir, require_labels)
+    if plan is None:
+        plan = _plan(config, [source for source in sources if has_label(source)], info)
+    return prepare_cases(sources, plan, info, config.cache_dir, config.preprocess_workers), info, plan
 
 
-def load_cases(config: TrainConfig, data_dir: str | None = None, require_labels: bool = True):
-    """The dataset's preprocessed cases and its description (classes, channels)."""
-    return load_dataset(
+def _plan(config: TrainConfig, train_sources: Sequence, info: DatasetInfo) -> dict:
+    return make_plan(
         config.dataset,
-        data_dir or config.data_dir,
+        train_sources,
+        info,
         image_size=config.image_size,
-        edge_slices=config.edge_slices,
-        cache_dir=config.cache_dir,
-        require_labels=require_labels,
         spacing=config.spacing,
         hu_window=config.hu_window,
         lung_labels=config.lung_labels,
+        workers=config.preprocess_workers,
     )
 
 
@@ -150,14 +141,12 @@ def _round_up(size: int, multiple: int) -> int:
 
 
 def data_shapes(cases: Sequence[Case], config: TrainConfig, divisor: int) -> dict:
-    """Sizes decided from the data (nnU-Net's habit), saved in args.json for inference.
+    """Sizes decided from the training cases (nnU-Net's habit), saved in args.json for inference.
 
     slice_size: the largest in-plane size, rounded up to the network's divisor, so slices of every
     volume batch together. patch_size: unless set, the largest volume rounded up, at most 96 per axis.
     """
-    largest = np.max(
-        [case.label.shape if case.label is not None else case.image.shape[1:] for case in cases], 0
-    )
+    largest = np.max([case.shape for case in cases], 0)
     in_plane = [int(size) for axis, size in enumerate(largest) if axis != config.slice_axis]
     patch = config.patch_size or [min(_round_up(int(size), divisor), 96) for size in largest]
     return {
@@ -166,33 +155,37 @@ def data_shapes(cases: Sequence[Case], config: TrainConfig, divisor: int) -> dic
     }
 
 
-def to_labels(logits: torch.Tensor) -> np.ndarray:
-    """Class indices from logits (K, *spatial): sigmoid > 0.5 for one channel, argmax otherwise."""
-    if logits.shape[0] == 1:
-        return (logits[0] > 0).numpy().astype(np.uint8)
-    return logits.argmax(0).numpy().astype(np.uint8)
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Probabilities (K, *spatial) from logits: sigmoid for one channel, softmax over channels otherwise."""
+    return torch.sigmoid(logits.float()) if logits.shape[0] == 1 else torch.softmax(logits.float(), 0)
 
 
-def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Logits (K, *spatial) whose softmax, or sigmoid for one channel, is the networks' mean probability.
+def mean_probabilities(logits: Sequence[torch.Tensor]) -> np.ndarray:
+    """The networks' mean probability per class (float32 numpy), for an ensemble or a single network.
 
     Probabilities rather than logits are averaged, as nnU-Net does: one network's overconfident logits
-    cannot outvote the others. The log of the mean stands in for logits so `to_labels` applies unchanged.
+    cannot outvote the others.
     """
-    if len(logits) == 1:
-        return logits[0]
-    if logits[0].shape[0] == 1:
-        return torch.logit(sum(torch.sigmoid(x.float()) for x in logits) / len(logits), eps=1e-7)
-    mean = sum(torch.softmax(x.float(), 0) for x in logits) / len(logits)
-    return mean.clamp_min(torch.finfo(mean.dtype).tiny).log()
+    return (sum(class_probabilities(x) for x in logits) / len(logits)).numpy()
 
 
-def _autocast(device: torch.device, enabled: bool):
-    """Mixed precision where asked: bfloat16 on CPU, float16 on CUDA."""
-    if not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+def amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
+    """The autocast precision of a setting on a device, None for full precision.
+
+    "auto": bfloat16 on GPUs that support it (same range as float32, so no loss scaling), float16 on
+    older GPUs, full precision on the CPU. True: the same, but bfloat16 on the CPU too.
+    """
+    if amp is False:
+        return None
+    if amp in ("bfloat16", "float16"):
+        return getattr(torch, amp)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp is True else None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 @torch.inference_mode()
@@ -203,16 +196,16 @@ def predict_case(
     shapes: dict,
     config: TrainConfig,
 ) -> torch.Tensor:
-    """Logits (K, D, H, W) on the CPU for a (C, D, H, W) volume.
+    """Logits (K, D, H, W), float32 on the CPU, for a (C, D, H, W) volume.
 
     2D networks: slice by slice along config.slice_axis, each slice padded to the network's divisor.
     3D networks: Gaussian-weighted sliding windows of shapes["patch_size"]. With config.mirror_tta
     the logits are averaged over every flip of the axes training mirrors (config.aug_flip_axes).
     """
     model.eval()
-    volume = torch.from_numpy(np.ascontiguousarray(image))
+    volume = torch.from_numpy(np.array(image, dtype=np.float32))  # a copy: cached cases are read-only
     mirror = config.aug_flip_axes if config.mirror_tta else False
-    with _autocast(device, config.amp):
+    with _autocast(device, amp_dtype(config.amp, device)):
         if model.spatial_dims == 3:
             return sliding_window_inference(
                 model,
@@ -225,10 +218,23 @@ def predict_case(
             )
         slices = volume.movedim(config.slice_axis + 1, 0)
         outputs = [
-            predict_padded(model, slices[start : start + config.batch_size].to(device), mirror)
+            predict_padded(
+                model, slices[start : start + config.batch_size].to(device, non_blocking=True), mirror
+            )
             for start in range(0, slices.shape[0], config.batch_size)
         ]
     return torch.cat(outputs).movedim(0, config.slice_axis + 1)
+
+
+def _overlay_candidates(case: Case, predicted: np.ndarray, info: DatasetInfo, count: int) -> list:
+    """(foreground area, overlay) of a case's `count` axial slices with the most foreground."""
+    label = np.asarray(case.label)
+    areas = (label > 0).sum(axis=(1, 2))
+    image = case.image
+    return [
+        (int(areas[d]), overlay(np.asarray(image[info.display_channel, d]), predicted[d], label[d]))
+        for d in np.argsort(-areas, kind="stable")[:count]
+    ]
 
 
 def validate(
@@ -236,44 +242,79 @@ def validate(
     cases: Sequence[Case],
     criterion: torch.nn.Module,
     info: DatasetInfo,
-    device: torch.device,
+    context: distributed.Context,
     shapes: dict,
     config: TrainConfig,
-) -> tuple[float, float, dict[str, np.ndarray]]:
-    """Mean validation loss, mean per-volume DSC (over cases and classes) and the predicted label maps.
+    overlays: int = 0,
+) -> dict:
+    """Mean validation loss, mean per-volume DSC (over cases and classes) with every post-processing, and
+    the overlays of the `overlays` slices with the most foreground (for TensorBoard).
 
-    Without test-time mirroring: validation only picks the best epoch, and mirroring costs 4-8 times.
+    On the cases' own (preprocessed) grid, one case in memory at a time, without test-time mirroring:
+    validation only picks the best epoch and the post-processing. In a multi-process run each rank
+    predicts its share of the cases and every rank gets the same gathered result.
     """
     config = dataclasses.replace(config, mirror_tta=False)
-    losses, scores, predictions = [], [], {}
-    for case in cases:
-        logits = predict_case(model, case.image, device, shapes, config)
-        target = torch.from_numpy(case.label.astype(np.int64))[None, None]
-        losses.append(float(criterion(logits[None], target)))
-        predictions[case.case_id] = to_labels(logits)
-        per_class = dice_per_class(predictions[case.case_id], case.label, list(info.class_names))
-        scores.append(float(np.mean(list(per_class.values()))))
-    return float(np.mean(losses)), float(np.mean(scores)), predictions
-
-
-def overlay_strip(
-    cases: Sequence[Case], predictions: dict[str, np.ndarray], info: DatasetInfo, count: int = 8
-) -> list[np.ndarray]:
-    """Overlays of the validation slices (axis 0) with the most foreground, for TensorBoard."""
-    ranked = sorted(
-        ((int((case.label[d] > 0).sum()), case, d) for case in cases for d in range(len(case.label))),
-        key=lambda item: -item[0],
+    classes = list(info.class_names)
+    mine = []
+    for number in range(context.rank, len(cases), context.world_size):
+        case = cases[number]
+        logits = predict_case(model, case.image, context.device, shapes, config)
+        label = np.asarray(case.label)
+        target = torch.from_numpy(label.astype(np.int64))[None, None]
+        predicted = probabilities_to_labels(class_probabilities(logits).numpy())
+        scores = {
+            method: float(
+                np.mean(
+                    list(dice_per_class(postprocess(predicted, method, classes), label, classes).values())
+                )
+            )
+            for method in POSTPROCESSING
+        }
+        candidates = _overlay_candidates(case, predicted, info, overlays) if overlays else []
+        mine.append((number, float(criterion(logits[None], target)), scores, candidates))
+    results = sorted(
+        (item for part in distributed.gather(context, mine) for item in part), key=lambda r: r[0]
     )
-    strips = [
-        overlay(case.image[info.display_channel, d], predictions[case.case_id][d], case.label[d])
-        for _, case, d in ranked[:count]
-    ]
+    best_slices = sorted((c for r in results for c in r[3]), key=lambda item: -item[0])[:overlays]
+    return {
+        "loss": float(np.mean([r[1] for r in results])),
+        "dsc": float(np.mean([r[2]["none"] for r in results])),
+        "dsc_postprocessed": {m: float(np.mean([r[2][m] for r in results])) for m in POSTPROCESSING},
+        "overlays": _same_size([strip for _, strip in best_slices]),
+    }
+
+
+def _same_size(strips: list[np.ndarray]) -> list[np.ndarray]:
+    """Overlays padded to one size so that TensorBoard shows them as one batch."""
+    if not strips:
+        return []
     size = np.max([strip.shape[:2] for strip in strips], axis=0)
     return [center_pad_or_crop(np.moveaxis(strip, -1, 0), size).transpose(1, 2, 0) for strip in strips]
 
 
-def training_data(cases: Sequence[Case], config: TrainConfig, spatial_dims: int, shapes: dict) -> DataLoader:
-    """Slices for 2D networks (weighted by foreground area), foreground-biased patches for 3D ones."""
+def augmentation_spacing(plan: dict, spatial_dims: int, slice_axis: int) -> list[float] | None:
+    """The voxel size of the training samples' axes, so that augmentation rotates in millimetres."""
+    if "spacing" not in plan:
+        return None
+    spacing = plan["spacing"]
+    return spacing if spatial_dims == 3 else [s for axis, s in enumerate(spacing) if axis != slice_axis]
+
+
+def training_data(
+    cases: Sequence[Case],
+    config: TrainConfig,
+    spatial_dims: int,
+    shapes: dict,
+    plan: dict | None = None,
+    context: distributed.Context | None = None,
+) -> tuple[DataLoader, EpochSampler]:
+    """Slices for 2D networks (weighted by foreground area), foreground-biased patches for 3D ones.
+
+    An epoch is max(1, samples // batch_size) global batches: samples is the number of training slices
+    (as in the reference) or patches_per_epoch. The loader yields this process's share of each batch.
+    """
+    context = context or distributed.Context()
     transform = build_transform(
         config.aug_scale,
         config.aug_angle,
@@ -281,25 +322,33 @@ def training_data(cases: Sequence[Case], config: TrainConfig, spatial_dims: int,
         config.aug_flip_axes,
         config.aug_intensity,
         config.aug_affine_prob,
+        augmentation_spacing(plan or {}, spatial_dims, config.slice_axis),
     )
-    sampler = None
-    dataset: Dataset
     if spatial_dims == 2:
-        dataset = SliceDataset(cases, transform, config.slice_axis, shapes["slice_size"])
-        weights = torch.from_numpy(slice_sampling_weights(cases, config.slice_axis))
-        sampler = WeightedRandomSampler(weights, num_samples=len(dataset))
+        weights = slice_sampling_weights(cases, config.slice_axis, config.edge_slices)
+        dataset = SliceDataset(
+            cases, weights, transform, config.slice_axis, shapes["slice_size"], config.seed
+        )
     else:
         dataset = PatchDataset(
-            cases, shapes["patch_size"], config.patches_per_epoch, config.foreground_ratio, transform
+            cases,
+            shapes["patch_size"],
+            config.patches_per_epoch,
+            config.foreground_ratio,
+            transform,
+            config.seed,
         )
-    return DataLoader(
+    steps = max(1, len(dataset) // config.batch_size)
+    sampler = EpochSampler(steps, config.batch_size, context.rank, context.world_size)
+    loader = DataLoader(
         dataset,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size // context.world_size,
         sampler=sampler,
         num_workers=config.num_workers,
-        drop_last=len(dataset) > config.batch_size,
         persistent_workers=config.num_workers > 0,
+        pin_memory=context.device.type == "cuda",
     )
+    return loader, sampler
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, progress: float) -> None:
@@ -311,151 +360,307 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, pro
         group["lr"] = config.lr * factor
 
 
-def _settings(config: TrainConfig) -> dict:
+def result_settings(config: TrainConfig) -> dict:
+    """The settings that decide a run's result (everything but RESUMABLE)."""
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE}
 
 
-def _resume_state(config: TrainConfig) -> dict | None:
-    """The last checkpoint of this run if it may be resumed; an error when the settings changed."""
-    checkpoint = config.run_dir / "checkpoint.pt"
-    if not (config.resume and checkpoint.exists()):
+def _random_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _restore_random_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _resume_state(config: TrainConfig, case_ids: list[str], context: distributed.Context) -> dict | None:
+    """The run's checkpoint when it may be resumed (None: start over); errors when it may not.
+
+    The checkpoint itself records what the run was trained with, so a resumption with other settings,
+    another case list or another number of processes is refused with what differs.
+    """
+    path = config.run_dir / CHECKPOINT
+    if not config.resume or not path.exists():
         return None
-    saved = json.loads((config.run_dir / "args.json").read_text())
-    changed = {k: (saved.get(k), v) for k, v in _settings(config).items() if saved.get(k) != v}
+    state = read_checkpoint(path)
+    if "settings" not in state:
+        raise ValueError(
+            f"{path} was written by an older version of this program: set resume=False to start over"
+        )
+    changed = {
+        k: (state["settings"].get(k), v)
+        for k, v in result_settings(config).items()
+        if state["settings"].get(k) != v
+    }
     if changed:
         raise ValueError(
             f"Run {config.run_dir} exists with other settings {changed} (saved, now): choose another "
             "run_name, or set resume=False to start it over"
         )
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)
+    added, lost = (
+        sorted(set(case_ids) - set(state["case_ids"])),
+        sorted(set(state["case_ids"]) - set(case_ids)),
+    )
+    if added or lost:
+        raise ValueError(
+            f"{config.data_dir} no longer holds the cases run {config.run_dir} was trained on "
+            f"(new: {added[:10]}, missing: {lost[:10]}): a changed case list would move cases between "
+            "training, validation and test; restore the data folder or start a new run"
+        )
+    if state["world_size"] != context.world_size:
+        raise ValueError(
+            f"Run {config.run_dir} was trained with {state['world_size']} process(es): resume it with as "
+            f"many (now {context.world_size}), or set resume=False to start over"
+        )
+    return state
 
 
-def _prepare(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """The network on its device, in channels-last layout when asked."""
-    model = model.to(device)
-    if config.channels_last:
-        layout = torch.channels_last if model.spatial_dims == 2 else torch.channels_last_3d
-        model = model.to(memory_format=layout)
-    return model
+def _wants_more(state: dict, config: TrainConfig) -> bool:
+    """Whether a finished run was asked to go on: more epochs, or a longer time budget, than it had."""
+    trained = sum(entry["seconds"] for entry in state["history"])
+    budget = math.inf if config.time_budget_minutes is None else 60 * config.time_budget_minutes
+    return len(state["history"]) < config.epochs and trained < budget
+
+
+def choose_postprocessing(history_entry: dict) -> str:
+    """The post-processing with the best validation DSC at the best epoch; ties keep the simpler one."""
+    scores = history_entry["val_dsc_postprocessed"]
+    return max(
+        POSTPROCESSING, key=lambda method: (round(scores[method], 9), -list(POSTPROCESSING).index(method))
+    )
+
+
+def _summary(config: TrainConfig, state: dict) -> dict:
+    history = state["history"]
+    return {
+        "run_dir": str(config.run_dir),
+        "best_val_mean_dsc": state["best"],
+        "best_epoch": state["best_epoch"],
+        "postprocessing": choose_postprocessing(history[state["best_epoch"] - 1]),
+        "history": history,
+        "split": state["split"],
+        "finished": state["finished"],
+    }
 
 
 def train(config: TrainConfig) -> dict:
-    """Train, validate every epoch, keep the best weights; returns the run's summary and history."""
-    seed_everything(config.seed)
-    device = select_device(config.device)
-    cases, info = load_cases(config)
-    split_seed = config.seed if config.split_seed is None else config.split_seed
-    split = split_cases([c.case_id for c in cases], config.validation_cases, config.test_cases, split_seed)
-    by_id = {case.case_id: case for case in cases}
-    train_cases = [by_id[i] for i in split["train"]]
-    val_cases = [by_id[i] for i in split["validation"]]
+    """Train, validate every epoch, keep the best weights; returns the run's summary and history.
 
-    model = _prepare(make_model(config, info), config, device)
-    shapes = data_shapes(cases, config, model.size_divisor)
-    step_model = torch.compile(model) if config.compile_model else model
-    base_loss = build_loss(config.loss, **config.loss_options)
-    criterion = DeepSupervisionLoss(base_loss, getattr(model, "supervision_weights", None))
+    In a torchrun run every process calls this with the same settings; rank 0 writes the files.
+    """
+    config.check()
+    context = distributed.setup(config.device)
+    try:
+        if context.is_main:
+            with RunLock(config.run_dir):
+                return _train(config, context)
+        return _train(config, context)
+    finally:
+        distributed.teardown(context)
+
+
+def _train(config: TrainConfig, context: distributed.Context) -> dict:
+    run_dir = config.run_dir
+    sources, info = find_sources(config.dataset, config.data_dir)
+    by_id = {source.case_id: source for source in sources}
+    case_ids = sorted(by_id)
+    state = _resume_state(config, case_ids, context)
+    distributed.barrier(context)
+    if state is not None and state["finished"] and not _wants_more(state, config):
+        print(
+            f"Run {run_dir} is finished ({len(state['history'])} epochs, best validation mean DSC "
+            f"{state['best']:.4f} at epoch {state['best_epoch']}); its results are in {run_dir}. Nothing was "
+            "changed: raise epochs or time_budget_minutes to continue it, or set resume=False to start over."
+        )
+        return _summary(config, state)
+    if context.is_main:
+        if state is None:
+            clear_run(run_dir)
+        remove_leftovers(run_dir)
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    split = (
+        state["split"]
+        if state
+        else split_cases(case_ids, config.validation_cases, config.test_cases, split_seed)
+    )
+    train_sources = [by_id[i] for i in split["train"]]
+    if state:
+        plan = state["plan"]
+    else:
+        plan = distributed.broadcast(context, _plan(config, train_sources, info) if context.is_main else None)
+    if context.is_main:
+        cases = prepare_cases(sources, plan, info, config.cache_dir, config.preprocess_workers)
+    distributed.barrier(context)
+    if not context.is_main:
+        cases = prepare_cases(sources, plan, info, config.cache_dir, 1)  # rank 0 has filled the cache
+    by_case = {case.case_id: case for case in cases}
+    train_cases = [by_case[i] for i in split["train"]]
+    val_cases = [by_case[i] for i in split["validation"]]
+    if not any(case.classes for case in train_cases):
+        raise ValueError(
+            f"No training case of {config.data_dir} has any foreground voxel of {info.class_names}: every "
+            "label map is empty, so there is nothing to learn (and DSC would be 1.0 for an empty prediction)"
+        )
+
+    seed_everything(config.seed)
+    device = context.device
+    model = make_model(config, info)
+    shapes = state["shapes"] if state else data_shapes(train_cases, config, model.size_divisor)
+    if context.distributed and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if config.channels_last:
+        model = model.to(
+            memory_format=torch.channels_last if model.spatial_dims == 2 else torch.channels_last_3d
+        )
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
-    state = _resume_state(config)
+    precision = amp_dtype(config.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16 and device.type == "cuda")
     history: list[dict] = []
-    best, start_epoch = -1.0, 0
+    best, best_epoch, best_model, start_epoch = -1.0, 0, None, 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        best, start_epoch, history = state["best"], state["epoch"] + 1, state["history"]
-        print(f"Resuming {config.run_dir} after epoch {start_epoch}")
+        scaler.load_state_dict(state["scaler"])
+        _restore_random_state(state["random"])
+        best, best_epoch, best_model = state["best"], state["best_epoch"], state["best_model"]
+        start_epoch, history = len(state["history"]), state["history"]
+        print(f"Resuming {run_dir} after epoch {start_epoch}")
+    wrapped = DistributedDataParallel(model) if context.distributed else model
+    step_model = torch.compile(wrapped) if config.compile_model else wrapped
+    base_loss = build_loss(config.loss, **config.loss_options)
+    criterion = DeepSupervisionLoss(base_loss, getattr(model, "supervision_weights", None))
 
-    run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     derived = {"class_names": info.class_names, "in_channels": info.in_channels}
-    derived |= {"display_channel": info.display_channel, "split": split, "shapes": shapes}
-    write_json_atomic({**dataclasses.asdict(config), **derived}, run_dir / "args.json")
-
-    loader = training_data(train_cases, config, model.spatial_dims, shapes)
+    derived |= {"display_channel": info.display_channel, "split": split, "case_ids": case_ids}
+    derived |= {"plan": plan, "shapes": shapes, "world_size": context.world_size}
+    if context.is_main:
+        write_json_atomic({**dataclasses.asdict(config), **derived}, run_dir / ARGS)
+        if state is not None:
+            save_state(run_dir, state, history)  # the best weights and history of the checkpoint, again
+    loader, sampler = training_data(train_cases, config, model.spatial_dims, shapes, plan, context)
     layout = torch.channels_last if model.spatial_dims == 2 else torch.channels_last_3d
-    logger = Logger(run_dir / "tensorboard")
-    step = start_epoch * len(loader)
+    logger = (
+        Logger(run_dir / "tensorboard", purge_step=start_epoch * len(loader)) if context.is_main else None
+    )
     trained_seconds = sum(entry["seconds"] for entry in history)
     budget_seconds = math.inf if config.time_budget_minutes is None else 60 * config.time_budget_minutes
+    finished = False
     for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
         started = time.perf_counter()
         model.train()
-        train_losses, data_seconds, samples = [], 0.0, 0
+        losses, data_seconds, samples = [], 0.0, 0
         waited = time.perf_counter()
         for images, labels in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
             data_seconds += time.perf_counter() - waited
-            images, labels = images.to(device), labels.to(device)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
             if config.channels_last:
                 images = images.contiguous(memory_format=layout)
             progress = max(epoch / config.epochs, (trained_seconds + waited - started) / budget_seconds)
             set_learning_rate(optimizer, config, progress)
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, config.amp):
+            with _autocast(device, precision):
                 loss = criterion(step_model(images), labels)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            train_losses.append(loss.item())
-            samples += len(images)
-            logger.scalar("train/loss", train_losses[-1], step)
-            step += 1
+            losses.append(loss.detach())
+            samples += len(images) * context.world_size
             waited = time.perf_counter()
-            if trained_seconds + waited - started >= budget_seconds:
+            out_of_time = trained_seconds + waited - started >= budget_seconds
+            if context.distributed and budget_seconds < math.inf:
+                out_of_time = distributed.broadcast(context, out_of_time)  # every rank stops at the same step
+            if out_of_time:
                 break
+        step_losses = torch.stack(losses).float().cpu().tolist()
+        if not all(math.isfinite(value) for value in step_losses):
+            raise FloatingPointError(
+                f"Training loss became {next(v for v in step_losses if not math.isfinite(v))} in epoch "
+                f"{epoch + 1} of {run_dir}: check the images for NaN or extreme values, or lower lr ({config.lr}); the "
+                "checkpoint of the last good epoch is kept"
+            )
         train_seconds = time.perf_counter() - started
-        val_loss, val_dsc, predictions = validate(model, val_cases, base_loss, info, device, shapes, config)
-        logger.scalar("val/loss", val_loss, epoch)
-        logger.scalar("val/mean_dsc", val_dsc, epoch)
-        if (epoch + 1) % config.vis_freq == 0 or epoch + 1 == config.epochs:
-            logger.images("val/overlays", overlay_strip(val_cases, predictions, info), epoch)
-        if val_dsc > best:
-            best = val_dsc
-            save_checkpoint_atomic(model.state_dict(), run_dir / "weights.pt")
+        show = (epoch + 1) % config.vis_freq == 0 or epoch + 1 == config.epochs
+        result = validate(
+            model, val_cases, base_loss, info, context, shapes, config, overlays=8 if show else 0
+        )
         trained_seconds += train_seconds
         history.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": float(np.mean(train_losses)),
-                "val_loss": val_loss,
-                "val_mean_dsc": val_dsc,
+                "train_loss": float(np.mean(step_losses)),
+                "val_loss": result["loss"],
+                "val_mean_dsc": result["dsc"],
+                "val_dsc_postprocessed": result["dsc_postprocessed"],
                 "seconds": train_seconds,
                 "data_seconds": data_seconds,
                 "samples_per_second": samples / train_seconds,
                 "validation_seconds": time.perf_counter() - started - train_seconds,
             }
         )
-        save_checkpoint_atomic(
-            {
+        if result["dsc"] > best:
+            best, best_epoch = result["dsc"], epoch + 1
+            best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        finished = epoch + 1 == config.epochs or trained_seconds >= budget_seconds
+        if context.is_main:
+            first_step = epoch * len(loader)
+            for offset, value in enumerate(step_losses):
+                logger.scalar("train/loss", value, first_step + offset)
+            logger.scalar("val/loss", result["loss"], epoch)
+            logger.scalar("val/mean_dsc", result["dsc"], epoch)
+            logger.images("val/overlays", result["overlays"], epoch)
+            checkpoint = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
+                "scaler": scaler.state_dict(),
+                "random": _random_state(),
                 "best": best,
+                "best_epoch": best_epoch,
+                "best_model": best_model,
                 "history": history,
-            },
-            run_dir / "checkpoint.pt",
-        )
-        write_json_atomic(history, run_dir / "history.json")
+                "finished": finished,
+                "settings": result_settings(config),
+                "case_ids": case_ids,
+                "split": split,
+                "plan": plan,
+                "shapes": shapes,
+                "world_size": context.world_size,
+            }
+            save_state(run_dir, checkpoint, history)
+        distributed.barrier(context)
         print(
-            f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, val loss {val_loss:.4f}, "
-            f"val mean DSC {val_dsc:.4f} ({train_seconds:.0f} s training)"
+            f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, val loss {result['loss']:.4f}, "
+            f"val mean DSC {result['dsc']:.4f} ({train_seconds:.0f} s training)"
         )
         if trained_seconds >= budget_seconds:
             print(f"Training time budget of {config.time_budget_minutes} minutes reached")
             break
-    logger.close()
-    print(f"Best validation mean DSC: {best:.4f}")
-    return {"run_dir": str(run_dir), "best_val_mean_dsc": best, "history": history, "split": split}
+    if logger is not None:
+        logger.close()
+    state = {"best": best, "best_epoch": best_epoch, "history": history, "split": split, "finished": finished}
+    summary = _summary(config, state)
+    if context.is_main:
+        write_json_atomic({k: v for k, v in summary.items() if k != "history"}, run_dir / RESULT)
+    print(
+        f"Best validation mean DSC: {best:.4f} (epoch {best_epoch}); "
+        f"post-processing chosen on validation: {summary['postprocessing']}"
+    )
+    return summary
 
 
 def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, dict, torch.nn.Module]:
-    """A finished run's settings, saved arguments and best network, rebuilt from `args.json`."""
+    """A run's settings, saved arguments and best network, rebuilt from `args.json`.
+
+    The best weights come from the checkpoint when there is one (it is the run's record: its history
+    contains their epoch), else from weights.pt. Missing, truncated or foreign files are errors naming
+    the file.
+    """
     run_dir = Path(run_dir)
-    args_file, weights = run_dir / "args.json", run_dir / "weights.pt"
-    for path in (args_file, weights):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: expected a run folder written by train()")
-    args = json.loads(args_file.read_text())
+    args = read_json(run_dir / ARGS, "the settings file written by train()")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in args.items() if k in names})
     info = DatasetInfo(
@@ -463,17 +668,65 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, di
         in_channels=args["in_channels"],
         display_channel=args["display_channel"],
     )
+    result = (
+        read_json(run_dir / RESULT, "the summary of a finished run") if (run_dir / RESULT).exists() else {}
+    )
+    checkpoint = run_dir / CHECKPOINT
+    source = checkpoint if checkpoint.exists() else run_dir / WEIGHTS
+    stored = read_checkpoint(source)
+    weights = stored["best_model"] if source == checkpoint else stored
+    if weights is None:
+        raise FileNotFoundError(f"{source} has no validated epoch yet: train the run for at least one epoch")
     model = make_model(config, info).to(device)
-    model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{source} does not hold weights of the network {args['model']!r} with the options in "
+            f"{run_dir / ARGS} (another network, or other options?): {str(error).splitlines()[0]}"
+        ) from error
     model.eval()
-    return config, {**args, "info": info}, model
+    return config, {**args, "info": info, "postprocessing": result.get("postprocessing", "none")}, model
 
 
-def write_prediction(case: Case, predicted: np.ndarray, folder: Path, suffix: str) -> Path:
-    """A predicted label map back on its source scan's grid, with the scan's geometry."""
-    if case.source_shape is not None and tuple(predicted.shape) != tuple(case.source_shape):
-        predicted = resample_to_shape(predicted, case.source_shape, order=0)
-    return write_volume(predicted.astype(np.uint8), case.source_geometry, folder / f"{case.case_id}{suffix}")
+def write_prediction(labels: np.ndarray, geometry: Geometry, folder: Path, name: str) -> Path:
+    """A predicted label map on its source scan's grid, with the scan's geometry."""
+    return write_volume(labels.astype(np.uint8), geometry, folder / name)
+
+
+def output_folder(run_dirs: Sequence[Path], data_dir: str | None) -> Path:
+    """Where evaluate writes: inference[-ensemble<n>] in the first run, plus which data folder it was.
+
+    Two data folders of the same name (the demo's kaggle_3m and a real one) get different folders: the
+    name is followed by a short hash of the folder's full path.
+    """
+    base = "inference" if len(run_dirs) == 1 else f"inference-ensemble{len(run_dirs)}"
+    if data_dir is None:
+        return run_dirs[0] / base
+    resolved = str(Path(data_dir).resolve())
+    return run_dirs[0] / f"{base}-{Path(resolved).name}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}"
+
+
+def _check_ensemble(run_dirs: Sequence[Path], runs: list, own_split: bool) -> None:
+    shared = [*PREPROCESSING, "class_names", "in_channels"] + (["split"] if own_split else [])
+    for folder, (_, other, _) in zip(run_dirs[1:], runs[1:], strict=True):
+        differ = [key for key in shared if other.get(key) != runs[0][1].get(key)]
+        if differ:
+            raise ValueError(f"{folder} differs from {run_dirs[0]} in {differ}: an ensemble must share them")
+
+
+def _figures(case: Case, source, predicted: np.ndarray, folder: Path) -> None:
+    """Overlays and a GIF on the source grid in radiological orientation, named by source slice."""
+    view = radiological_view(source.geometry.direction if source.geometry else None)
+    present = source.present if source.geometry is None else np.ones(predicted.shape[view[0][0]], bool)
+    names = np.array(
+        source.slice_names if source.geometry is None else range(predicted.shape[view[0][0]]), str
+    )
+    if view[1][0]:
+        present, names = present[::-1], names[::-1]
+    image, pred = to_view(source.image, view)[present], to_view(predicted, view)[present]
+    truth = None if source.label is None else to_view(source.label, view)[present]
+    save_case_figures(case.case_id, image, pred, truth, out_dir=folder, slice_names=list(names[present]))
 
 
 def evaluate(
@@ -484,71 +737,82 @@ def evaluate(
     device: str = "auto",
     mirror_tta: bool | None = None,
 ) -> dict:
-    """Predict cases with a run's best weights; write dsc.csv, dsc.png, overlays and GIFs.
+    """Predict cases with a run's best weights; write dsc.csv, dsc.png, overlays and GIFs on each case's
+    source grid (the original slices or scan, every slice of it).
 
-    Without data_dir: the run's own validation and test cases (`subsets`). With data_dir: every case in
-    that folder, labelled or not; unlabelled cases get prediction overlays and GIFs but no DSC. Scans
-    (luna, msd) also get their predicted label map written on the source grid (.mhd for LUNA16, .nii.gz
-    for NIfTI) so that it overlays on the scan in a viewer. mirror_tta: test-time mirroring on or off
-    (None: as the run was trained). A list of run folders predicts with their ensemble (the mean of
-    their probabilities); the runs must share the data set, its preprocessing, its classes and, without
-    data_dir, the split.
-    Returns the output folder and the rows.
+    Without data_dir: the run's own cases of `subsets` ("validation", "test", "train"). With data_dir:
+    every case in that folder, labelled or not, preprocessed as the run's plan says; unlabelled cases get
+    prediction overlays and GIFs but no metrics. Probabilities are mapped back onto the source grid before
+    they become labels, so metrics compare with the original-resolution reference, with HD95 in mm for
+    scans and in pixels of the original slices for kaggle_3m. The post-processing the run chose on its
+    validation cases is applied (the `_pp` columns); scans also get their post-processed label map
+    written with the scan's geometry (.mhd for LUNA16, .nii.gz for NIfTI), so it overlays in a viewer.
+    mirror_tta: test-time mirroring on or off (None: as the run was trained). A list of run folders
+    predicts with their ensemble (the mean of their probabilities; the first run's post-processing); the
+    runs must share the data set, its plan, its classes and, without data_dir, the split.
+    Returns the output folder, the rows and the post-processing used.
     """
     run_dirs = [Path(run_dir)] if isinstance(run_dir, (str, Path)) else [Path(d) for d in run_dir]
     if not run_dirs:
         raise ValueError("evaluate needs at least one run folder")
     torch_device = select_device(device)
     runs = [load_run(folder, torch_device) for folder in run_dirs]
-    shared = [*PREPROCESSING, "class_names", "in_channels"] + (["split"] if data_dir is None else [])
-    for folder, (_, other, _) in zip(run_dirs[1:], runs[1:], strict=True):
-        differ = [key for key in shared if other.get(key) != runs[0][1].get(key)]
-        if differ:
-            raise ValueError(f"{folder} differs from {run_dirs[0]} in {differ}: an ensemble must share them")
+    _check_ensemble(run_dirs, runs, data_dir is None)
     if mirror_tta is not None:
         runs = [(dataclasses.replace(config, mirror_tta=mirror_tta), a, m) for config, a, m in runs]
     config, args, _ = runs[0]
     info: DatasetInfo = args["info"]
+    method = args["postprocessing"]
     name = run_dirs[0].name if len(runs) == 1 else f"{run_dirs[0].name} (ensemble of {len(runs)})"
-    default_output = "inference" if len(runs) == 1 else f"inference-ensemble{len(runs)}"
     if data_dir is None:
+        unknown = sorted(set(subsets) - set(args["split"]))
+        if unknown:
+            raise ValueError(f"Unknown subset(s) {unknown}: expected some of {sorted(args['split'])}")
         wanted = {case_id: subset for subset in subsets for case_id in args["split"][subset]}
-        cases, _ = load_cases(config)
-        cases = [case for case in cases if case.case_id in wanted]
-        output_dir = Path(output_dir or run_dirs[0] / default_output)
+        sources, _ = find_sources(config.dataset, config.data_dir)
+        missing = sorted(set(wanted) - {source.case_id for source in sources})
+        if missing:
+            raise ValueError(f"{config.data_dir} no longer holds the run's cases {missing[:10]}")
+        sources = [source for source in sources if source.case_id in wanted]
     else:
-        cases, _ = load_cases(config, data_dir, require_labels=False)
-        wanted = {case.case_id: Path(data_dir).name for case in cases}
-        output_dir = Path(output_dir or run_dirs[0] / f"{default_output}-{Path(data_dir).name}")
+        sources, found = find_sources(config.dataset, data_dir, require_labels=False)
+        if found.in_channels != info.in_channels:
+            raise ValueError(
+                f"{data_dir} has {found.in_channels} image channel(s), the run {run_dirs[0]} was trained on "
+                f"{info.in_channels}"
+            )
+        wanted = {source.case_id: Path(data_dir).name for source in sources}
+    cases = prepare_cases(sources, args["plan"], info, config.cache_dir, config.preprocess_workers)
+    output = Path(output_dir) if output_dir else output_folder(run_dirs, data_dir)
     suffix = ".mhd" if config.dataset == "luna" else ".nii.gz"
     rows = []
     for case in tqdm(cases, desc="cases"):
         started = time.perf_counter()
-        logits = [predict_case(m, case.image, torch_device, a["shapes"], c) for c, a, m in runs]
-        predicted = to_labels(ensemble_logits(logits))
+        image = np.asarray(case.image)
+        logits = [predict_case(m, image, torch_device, a["shapes"], c) for c, a, m in runs]
+        predicted = to_source_grid(case, mean_probabilities(logits))
+        del image, logits
         seconds = time.perf_counter() - started
-        save_case_figures(
-            case.case_id,
-            case.image[info.display_channel],
-            predicted,
-            case.label,
-            out_dir=output_dir / "predictions",
-            slice_names=case.slice_names or None,
-        )
-        if case.source_geometry is not None:
-            write_prediction(case, predicted, output_dir / "labels", suffix)
-        if case.label is not None:
-            row = case_metrics(case.case_id, predicted, case.label, info.class_names, case.spacing)
-            rows.append({"subset": wanted[case.case_id], **row, "seconds": seconds})
+        source = read_source(case, args["plan"], info)
+        final = postprocess(predicted, method, list(info.class_names))
+        _figures(case, source, final, output / "predictions")
+        if source.geometry is not None:
+            write_prediction(final, source.geometry, output / "labels", f"{case.case_id}{suffix}")
+        if source.label is not None:
+            row = case_metrics(
+                case.case_id, predicted, source.label, info.class_names, source.spacing, method
+            )
+            unit = "px" if source.spacing is None else "mm"
+            rows.append({"subset": wanted[case.case_id], **row, "hd95_unit": unit, "seconds": seconds})
     if rows:
-        write_metrics_csv(rows, output_dir / "dsc.csv")
-        plot_dsc(rows, output_dir / "dsc.png", title=f"{name}\nper-case DSC")
+        write_metrics_csv(rows, output / "dsc.csv")
+        plot_dsc(rows, output / "dsc.png", title=f"{name}\nper-case DSC")
         for subset in dict.fromkeys(row["subset"] for row in rows):
             chosen = [row for row in rows if row["subset"] == subset]
             raw = np.mean([row["dsc_mean"] for row in chosen])
-            lcc = np.mean([row["dsc_mean_lcc"] for row in chosen])
+            final_dsc = np.mean([row["dsc_mean_pp"] for row in chosen])
             print(
-                f"{subset}: mean DSC {raw:.4f}, with largest-component post-processing {lcc:.4f} "
-                f"({len(chosen)} cases)"
+                f"{subset}: mean DSC {raw:.4f}, with the run's post-processing ({method}: "
+                f"{POSTPROCESSING[method]}) {final_dsc:.4f} ({len(chosen)} cases)"
             )
-    return {"output_dir": output_dir, "rows": rows}
+    return {"output_dir": output, "rows": rows, "postprocessing": method}

@@ -16,8 +16,9 @@ Choices:
   small positive floor so that every voxel has a non-zero total weight.
 - Windows are spread evenly with the last one flush with the image end (no window hangs over the edge),
   and the image is zero-padded only when it is smaller than the patch.
-- Sums are kept on the CPU in float32 whatever device and precision the network runs on, so a large
-  volume needs GPU memory for one batch of windows only.
+- Windows are cut from the image and their weighted logits summed on the network's device, in float32
+  whatever precision the network runs in, so a GPU never waits for the host between windows; only the
+  blended result comes back to the CPU.
 - ``mirror`` is test-time augmentation: the prediction is the mean over all flips of the chosen spatial
   axes (``True``: all of them, 4 flips in 2D, 8 in 3D), each flipped back before averaging. Mirror only
   the axes training mirrored: a network never shown upside-down images gains nothing from them.
@@ -95,7 +96,7 @@ def _check_spatial_dims(model: nn.Module, spatial_dims: int, what: str) -> None:
 def predict_padded(
     model: nn.Module, batch: torch.Tensor, mirror: bool | Sequence[int] = False
 ) -> torch.Tensor:
-    """Float32 CPU logits of ``model`` for ``batch`` (N, C, *spatial) of any spatial size.
+    """Float32 logits of ``model`` for ``batch`` (N, C, *spatial) of any spatial size, on the CPU.
 
     Zero-pads to a multiple of ``model.size_divisor`` (1 when the network has none), runs the network
     and crops the logits back, e.g. for 50x36 hippocampus slices and a U-Net that needs multiples of
@@ -107,7 +108,7 @@ def predict_padded(
         raise ValueError(f"batch must be (N, C, *spatial), got shape {tuple(batch.shape)}")
     _check_spatial_dims(model, batch.ndim - 2, "batch")
     padded, crop_slices = pad_to_multiple(batch, getattr(model, "size_divisor", 1))
-    return _predict_windows(model, padded, _flip_axis_sets(batch.ndim - 2, mirror))[crop_slices]
+    return _predict_windows(model, padded, _flip_axis_sets(batch.ndim - 2, mirror))[crop_slices].cpu()
 
 
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
@@ -168,12 +169,12 @@ def _flip_axis_sets(spatial_dims: int, mirror: bool | Sequence[int]) -> list[tup
 def _predict_windows(
     model: nn.Module, windows: torch.Tensor, flip_sets: list[tuple[int, ...]]
 ) -> torch.Tensor:
-    """Float32 CPU logits for a batch of windows, averaged over the flips in ``flip_sets``."""
+    """Float32 logits for a batch of windows, on their device, averaged over the flips in ``flip_sets``."""
     total = None
     for axes in flip_sets:
         flipped = windows.flip(axes) if axes else windows
         logits = model(flipped)
-        logits = (logits.flip(axes) if axes else logits).float().cpu()
+        logits = (logits.flip(axes) if axes else logits).float()
         total = logits if total is None else total + logits
     return total / len(flip_sets)
 
@@ -228,10 +229,10 @@ def sliding_window_inference(
 
     unbatched = image.ndim == spatial_dims + 1
     batch = image.unsqueeze(0) if unbatched else image
-    padded, crop_slices = pad_to_multiple(batch, 1, minimum=patch)
+    padded, crop_slices = pad_to_multiple(batch.to(device, non_blocking=True), 1, minimum=patch)
     padded_shape = tuple(padded.shape[2:])
 
-    importance = gaussian_importance_map(patch) if gaussian else torch.ones(patch)
+    importance = (gaussian_importance_map(patch) if gaussian else torch.ones(patch)).to(device)
     starts_per_axis = [
         window_starts(size, length, overlap) for size, length in zip(padded_shape, patch, strict=True)
     ]
@@ -239,7 +240,7 @@ def sliding_window_inference(
         tuple(slice(start, start + length) for start, length in zip(starts, patch, strict=True))
         for starts in itertools.product(*starts_per_axis)
     ]
-    weight_sum = torch.zeros(padded_shape, dtype=torch.float32)
+    weight_sum = torch.zeros(padded_shape, dtype=torch.float32, device=device)
     for slices in window_slices:
         weight_sum[slices] += importance
 
@@ -253,7 +254,7 @@ def sliding_window_inference(
             for first in range(0, len(jobs), batch_size):
                 chunk = jobs[first : first + batch_size]
                 windows = torch.stack([padded[item][(slice(None), *slices)] for item, slices in chunk])
-                logits = _predict_windows(model, windows.to(device), flip_sets)
+                logits = _predict_windows(model, windows, flip_sets)
                 if tuple(logits.shape[2:]) != patch:
                     raise ValueError(
                         f"the network returned spatial size {tuple(logits.shape[2:])} for windows of "
@@ -261,12 +262,12 @@ def sliding_window_inference(
                     )
                 if logit_sum is None:
                     logit_sum = torch.zeros(
-                        (padded.shape[0], logits.shape[1], *padded_shape), dtype=torch.float32
+                        (padded.shape[0], logits.shape[1], *padded_shape), dtype=torch.float32, device=device
                     )
                 for (item, slices), window_logits in zip(chunk, logits, strict=True):
                     logit_sum[(item, slice(None), *slices)] += window_logits * importance
     finally:
         model.train(was_training)
 
-    output = (logit_sum / weight_sum)[crop_slices]
+    output = logit_sum.div_(weight_sum)[crop_slices].cpu()
     return output[0] if unbatched else output

@@ -2,8 +2,10 @@
 
 The reference's augmentation (random scale ±5%, rotation ±15°, horizontal flip with p = 0.5) as one
 affine resampling, so image and label move together: the image is interpolated linearly, the label map by
-nearest neighbour, so it keeps its class values. Random numbers come from torch so that DataLoader workers,
-which torch seeds one by one, draw different augmentations.
+nearest neighbour, so it keeps its class values. Rotations and scaling act in millimetres, not voxels, when
+the voxel spacing is given: on anisotropic voxels (e.g. 0.7 × 0.7 × 2.5 mm) a voxel-space rotation would
+shear the anatomy. Every transform draws its random numbers from the generator it is given (one per
+training sample, `dataset.sample_rng`), so augmentation is exactly reproducible.
 """
 
 from __future__ import annotations
@@ -12,23 +14,18 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from scipy.ndimage import affine_transform
 
 
-def _uniform(low: float, high: float) -> float:
-    return float(torch.empty(()).uniform_(low, high))
-
-
-def _rotation(spatial_dims: int, max_degrees: float) -> np.ndarray:
+def _rotation(rng: np.random.Generator, spatial_dims: int, max_degrees: float) -> np.ndarray:
     """A random rotation: in-plane for 2D, about each axis in turn for 3D."""
     if spatial_dims == 2:
-        angle = math.radians(_uniform(-max_degrees, max_degrees))
+        angle = math.radians(rng.uniform(-max_degrees, max_degrees))
         cos, sin = math.cos(angle), math.sin(angle)
         return np.array([[cos, -sin], [sin, cos]])
     matrix = np.eye(3)
     for axes in ((1, 2), (0, 2), (0, 1)):
-        angle = math.radians(_uniform(-max_degrees, max_degrees))
+        angle = math.radians(rng.uniform(-max_degrees, max_degrees))
         plane = np.eye(3)
         plane[np.ix_(axes, axes)] = [
             [math.cos(angle), -math.sin(angle)],
@@ -45,7 +42,8 @@ class RandomAffine:
     flip_prob: probability of mirroring each axis in `flip_axes` (spatial axes, -1 = width);
     affine_prob: probability of the scale and rotation. Below 1, as in nnU-Net, the other samples keep
     their voxels exactly (flips only): no interpolation blur the test images never have, and no
-    resampling cost.
+    resampling cost. spacing: the voxel size per spatial axis (mm), so that rotations are rigid in
+    physical space; None treats voxels as isotropic.
     """
 
     def __init__(
@@ -55,23 +53,31 @@ class RandomAffine:
         flip_prob: float = 0.5,
         flip_axes: Sequence[int] = (-1,),
         affine_prob: float = 1.0,
+        spacing: Sequence[float] | None = None,
     ):
         self.scale = scale
         self.degrees = degrees
         self.flip_prob = flip_prob
         self.flip_axes = tuple(flip_axes)
         self.affine_prob = affine_prob
+        self.spacing = None if spacing is None else np.asarray(spacing, np.float64)
 
-    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         spatial_dims = label.ndim
         for axis in self.flip_axes:
-            if _uniform(0, 1) < self.flip_prob:
+            if rng.random() < self.flip_prob:
                 image = np.flip(image, axis=axis if axis < 0 else axis + 1)
                 label = np.flip(label, axis=axis)
-        if not (self.scale or self.degrees) or _uniform(0, 1) >= self.affine_prob:
+        if not (self.scale or self.degrees) or rng.random() >= self.affine_prob:
             return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
-        factor = _uniform(1 - self.scale, 1 + self.scale)
-        matrix = _rotation(spatial_dims, self.degrees) / factor
+        factor = rng.uniform(1 - self.scale, 1 + self.scale)
+        matrix = _rotation(rng, spatial_dims, self.degrees) / factor
+        if self.spacing is not None:
+            if len(self.spacing) != spatial_dims:
+                raise ValueError(f"spacing {tuple(self.spacing)} has not one entry per axis of {label.shape}")
+            matrix = np.diag(1 / self.spacing) @ matrix @ np.diag(self.spacing)
         centre = (np.array(label.shape) - 1) / 2
         offset = centre - matrix @ centre
         warped_image = np.stack(
@@ -89,24 +95,28 @@ class IntensityJitter:
         self.shift = shift
         self.prob = prob
 
-    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if _uniform(0, 1) >= self.prob:
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if rng.random() >= self.prob:
             return image, label
-        gains = np.array([_uniform(1 - self.gain, 1 + self.gain) for _ in image], np.float32)
-        shifts = np.array([_uniform(-self.shift, self.shift) for _ in image], np.float32)
+        gains = rng.uniform(1 - self.gain, 1 + self.gain, len(image)).astype(np.float32)
+        shifts = rng.uniform(-self.shift, self.shift, len(image)).astype(np.float32)
         expand = (slice(None),) + (None,) * (image.ndim - 1)
         return image * gains[expand] + shifts[expand], label
 
 
 class Compose:
-    """Apply transforms in order to (image, label)."""
+    """Apply transforms in order to (image, label) with one generator."""
 
     def __init__(self, transforms: Sequence):
         self.transforms = list(transforms)
 
-    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(
+        self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         for transform in self.transforms:
-            image, label = transform(image, label)
+            image, label = transform(image, label, rng)
         return image, label
 
 
@@ -117,11 +127,12 @@ def build_transform(
     flip_axes: Sequence[int] = (-1,),
     intensity: float = 0.0,
     affine_prob: float = 1.0,
+    spacing: Sequence[float] | None = None,
 ) -> Compose | None:
     """The training augmentation from its settings; None when every setting is off."""
     transforms = []
     if scale or degrees or flip_prob:
-        transforms.append(RandomAffine(scale, degrees, flip_prob, flip_axes, affine_prob))
+        transforms.append(RandomAffine(scale, degrees, flip_prob, flip_axes, affine_prob, spacing))
     if intensity:
         transforms.append(IntensityJitter(gain=intensity, shift=intensity))
     return Compose(transforms) if transforms else None

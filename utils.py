@@ -5,10 +5,12 @@ indices with 0 as background, binary masks may be boolean or 0/1.
 """
 
 import csv
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
@@ -72,9 +74,21 @@ def largest_connected_component(labels: np.ndarray, classes: Sequence[int] | Non
     do not merge. On a tie the component met first in C (raster) order wins. A boolean mask is
     treated as class 1 and a boolean mask is returned.
     """
+    return keep_large_components(labels, classes, min_fraction=None)
+
+
+def keep_large_components(
+    labels: np.ndarray, classes: Sequence[int] | None = None, min_fraction: float | None = 0.1
+) -> np.ndarray:
+    """Keep, per class, the components of at least `min_fraction` of that class's largest component.
+
+    min_fraction None keeps the largest component only. A fraction suits targets made of several
+    large parts, such as the two lungs, which "largest only" would halve. Same connectivity, class
+    handling and boolean behaviour as largest_connected_component.
+    """
     labels = np.asarray(labels)
     if labels.dtype == bool:
-        return largest_connected_component(labels.astype(np.uint8), classes).astype(bool)
+        return keep_large_components(labels.astype(np.uint8), classes, min_fraction).astype(bool)
     if classes is None:
         classes = [int(c) for c in np.unique(labels) if c != 0]
     structure = ndimage.generate_binary_structure(labels.ndim, labels.ndim)
@@ -85,9 +99,31 @@ def largest_connected_component(labels: np.ndarray, classes: Sequence[int] | Non
         if count <= 1:
             continue
         sizes = np.bincount(components.ravel())[1:]
-        largest = int(np.argmax(sizes)) + 1
-        result[mask & (components != largest)] = 0
+        if min_fraction is None:
+            kept = np.zeros(count + 1, bool)
+            kept[int(np.argmax(sizes)) + 1] = True
+        else:
+            kept = np.concatenate([[False], sizes >= min_fraction * sizes.max()])
+        result[mask & ~kept[components]] = 0
     return result
+
+
+POSTPROCESSING = {
+    "none": "the network's labels unchanged",
+    "largest": "the largest connected component of each class",
+    "large": "per class, the components of at least 10% of its largest (e.g. both lungs)",
+}
+
+
+def postprocess(labels: np.ndarray, method: str, classes: Sequence[int]) -> np.ndarray:
+    """A label map post-processed by one of POSTPROCESSING's methods (chosen on validation cases)."""
+    if method == "none":
+        return labels
+    if method == "largest":
+        return largest_connected_component(labels, classes)
+    if method == "large":
+        return keep_large_components(labels, classes, 0.1)
+    raise ValueError(f"unknown post-processing {method!r}: expected one of {list(POSTPROCESSING)}")
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -122,19 +158,31 @@ def hausdorff95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | 
     return float(np.percentile(distances, 95))
 
 
+def hd95_penalty(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
+    """The HD95 given to a structure missed or predicted where there is none: the image's diagonal.
+
+    In mm with `spacing`, in voxels without; no distance between two voxels of the image can be larger.
+    """
+    spacing = (1.0,) * len(shape) if spacing is None else spacing
+    return float(math.sqrt(sum((size * step) ** 2 for size, step in zip(shape, spacing, strict=True))))
+
+
 def case_metrics(
     case_id: str,
     pred_labels: np.ndarray,
     truth_labels: np.ndarray,
     class_names: dict[int, str],
     spacing: Sequence[float] | None = None,
+    postprocessing: str = "largest",
 ) -> dict[str, Any]:
-    """One metrics-table row for a case, before and after largest-component post-processing.
+    """One metrics-table row for a case, before and after post-processing.
 
     Columns, in order: `case`, `dsc_<name>` per class, `dsc_mean` (mean over the classes),
-    `hd95_<name>` per class (mm with `spacing`, voxels without; NaN when a mask is empty), then
-    the same DSC/HD95 columns computed on largest_connected_component(pred) with suffix `_lcc`.
-    Binary tasks pass class_names={1: "tumour"}.
+    `hd95_<name>` per class (mm with `spacing`, voxels without), `missed_<name>` (1 when the class is
+    in the truth but not predicted, or predicted but absent from the truth, else 0), then the same DSC,
+    HD95 and missed columns on the post-processed labels with suffix `_pp`. A missed class gets the
+    HD95 penalty of `hd95_penalty` (the image diagonal) rather than NaN, so that misses count in the
+    mean; a class absent from both gets HD95 0 (and DSC 1). Binary tasks pass class_names={1: "tumour"}.
     """
     if not class_names:
         raise ValueError("class_names must name at least one foreground class, e.g. {1: 'tumour'}")
@@ -144,15 +192,20 @@ def case_metrics(
     truth_labels = np.asarray(truth_labels)
     _check_same_shape(pred_labels, truth_labels)
     classes = list(class_names)
-    post_processed = largest_connected_component(pred_labels, classes)
+    penalty = hd95_penalty(truth_labels.shape, spacing)
     row: dict[str, Any] = {"case": case_id}
-    for suffix, pred in (("", pred_labels), ("_lcc", post_processed)):
+    for suffix, pred in (("", pred_labels), ("_pp", postprocess(pred_labels, postprocessing, classes))):
         dsc = dice_per_class(pred, truth_labels, classes)
         for c, name in class_names.items():
             row[f"dsc_{name}{suffix}"] = dsc[c]
         row[f"dsc_mean{suffix}"] = float(np.mean(list(dsc.values())))
         for c, name in class_names.items():
-            row[f"hd95_{name}{suffix}"] = hausdorff95(pred == c, truth_labels == c, spacing)
+            predicted, true = pred == c, truth_labels == c
+            if predicted.any() != true.any():
+                row[f"hd95_{name}{suffix}"], row[f"missed_{name}{suffix}"] = penalty, 1
+            else:
+                distance = hausdorff95(predicted, true, spacing) if true.any() else 0.0
+                row[f"hd95_{name}{suffix}"], row[f"missed_{name}{suffix}"] = distance, 0
     return row
 
 
@@ -329,6 +382,36 @@ def plot_history(history: list[dict], path: str | Path) -> Path:
     return path
 
 
+def radiological_view(
+    direction: Sequence[float] | None,
+) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """How to show a (D, H, W) array of a scan in the standard radiological orientation.
+
+    `direction` is ITK's row-major 3x3 direction matrix (None: the array is already so oriented, e.g.
+    kaggle_3m slices). Returns the array axes to put first (the one nearest the patient's foot-to-head
+    axis: axial slices), then as rows (front to back: anterior at the top) and as columns (patient's
+    right to left: the patient's right on the viewer's left), and whether to reverse each so that
+    slices run from foot to head, rows front to back and columns right to left (ITK's LPS axes).
+    """
+    if direction is None:
+        return (0, 1, 2), (False, False, False)
+    matrix = np.array(direction, np.float64).reshape(3, 3)
+    physical_of_array = [matrix[:, 2 - axis] for axis in range(3)]  # array axis a is ITK index axis 2 - a
+    order, flips = [], []
+    for physical in (2, 1, 0):  # head-foot (z), front-back (y), right-left (x)
+        axis = max((a for a in range(3) if a not in order), key=lambda a: abs(physical_of_array[a][physical]))
+        order.append(axis)
+        flips.append(bool(physical_of_array[axis][physical] < 0))
+    return tuple(order), tuple(flips)
+
+
+def to_view(array: np.ndarray, view: tuple[tuple[int, ...], tuple[bool, ...]]) -> np.ndarray:
+    """A (D, H, W) array transposed and flipped as `radiological_view` says."""
+    order, flips = view
+    array = np.transpose(array, order)
+    return array[tuple(slice(None, None, -1) if flip else slice(None) for flip in flips)]
+
+
 def _outline(mask: np.ndarray) -> np.ndarray:
     """Inner boundary (1 px) of a 2D mask: mask pixels with a 4-neighbour outside or at the edge."""
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
@@ -489,10 +572,19 @@ def _write_atomic(path: str | Path, mode: str, write: Callable[[IO], None]) -> P
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if _disk_full(error, path.parent):
+            raise OSError(errno.ENOSPC, f"No space left on the disk while writing {path}") from error
         raise
     return path
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of disk space (torch.save reports it as 'unexpected pos ...')."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return isinstance(error, RuntimeError) and shutil.disk_usage(folder).free < 1 << 20
 
 
 def save_checkpoint_atomic(state: Any, path: str | Path) -> Path:

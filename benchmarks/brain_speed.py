@@ -69,7 +69,7 @@ def training_speed(history: list[dict]) -> tuple[float, float]:
 def inference_speed(run_dir: Path, device: torch.device) -> float:
     """Slices per second over the run's test volumes, after one warm-up volume."""
     config, args, model = load_run(run_dir, device)
-    cases, _ = load_cases(config)
+    cases, _, _ = load_cases(config)
     volumes = [case.image for case in cases if case.case_id in args["split"]["test"]]
     predict_case(model, volumes[0], device, args["shapes"], config)
     synchronize(device)

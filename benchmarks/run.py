@@ -78,7 +78,7 @@ class Suite:
 SUITES = {
     "hippocampus": Suite(
         data=REPO.parent / "shared" / "data" / "msd-hippocampus",
-        results=REPO / "benchmarks" / "results.json",
+        results=REPO / "benchmarks" / "results" / "hippocampus.json",
         classes=("Anterior", "Posterior"),
         common={
             "dataset": "msd",
@@ -137,7 +137,7 @@ SUITES = {
     ),
     "brain": Suite(
         data=REPO / "data" / "kaggle_3m",
-        results=REPO / "benchmarks" / "brain_results.json",
+        results=REPO / "benchmarks" / "results" / "brain.json",
         classes=("tumour",),
         common={
             "dataset": "kaggle_3m",
@@ -171,9 +171,9 @@ def columns(suite: Suite) -> list[tuple[str, str]]:
         ("best_val_dsc", "best val DSC"),
         *per_class,
         ("dsc_mean", "test DSC mean"),
-        ("dsc_mean_lcc", "test DSC mean (LCC)"),
+        ("dsc_mean_pp", "test DSC mean (post-processed)"),
         ("hd95_mean", "HD95"),
-        ("hd95_mean_lcc", "HD95 (LCC)"),
+        ("hd95_mean_pp", "HD95 (post-processed)"),
         *([("gap_to_nnunet", "gap to nnU-Net")] if suite.classes == tuple(NNUNET) else []),
         ("samples_per_second", "train samples/s"),
         ("data_wait_share", "data wait"),
@@ -224,14 +224,14 @@ def summarise(suite: Suite, rows: list[dict], history: list[dict]) -> dict:
     """Test metrics per class and mean, with and without largest-component post-processing, and speed."""
 
     def mean(column: str) -> float:
-        return float(np.nanmean([row[column] for row in rows]))
+        return float(np.mean([row[column] for row in rows]))
 
     train_seconds = sum(entry["seconds"] for entry in history)
     summary = {f"dsc_{name.lower()}": mean(f"dsc_{name}") for name in suite.classes}
-    summary |= {f"dsc_{name.lower()}_lcc": mean(f"dsc_{name}_lcc") for name in suite.classes}
-    summary |= {"dsc_mean": mean("dsc_mean"), "dsc_mean_lcc": mean("dsc_mean_lcc")}
+    summary |= {f"dsc_{name.lower()}_pp": mean(f"dsc_{name}_pp") for name in suite.classes}
+    summary |= {"dsc_mean": mean("dsc_mean"), "dsc_mean_pp": mean("dsc_mean_pp")}
     summary["hd95_mean"] = float(np.mean([mean(f"hd95_{name}") for name in suite.classes]))
-    summary["hd95_mean_lcc"] = float(np.mean([mean(f"hd95_{name}_lcc") for name in suite.classes]))
+    summary["hd95_mean_pp"] = float(np.mean([mean(f"hd95_{name}_pp") for name in suite.classes]))
     if suite.classes == tuple(NNUNET):
         summary["gap_to_nnunet"] = float(np.mean(list(NNUNET.values()))) - summary["dsc_mean"]
     summary["best_val_dsc"] = max(entry["val_mean_dsc"] for entry in history)

@@ -7,16 +7,22 @@ import pytest
 import tifffile
 import torch
 
+import cache
 import dataset
 from dataset import (
     Case,
     SliceDataset,
-    load_kaggle_3m,
+    load_dataset,
     preprocess_patient,
     read_patient,
     slice_sampling_weights,
     split_cases,
 )
+
+
+def load_kaggle_3m(data_dir, image_size=16, require_masks=True, cache_dir=None):
+    cases, _, _ = load_dataset("kaggle_3m", data_dir, image_size, cache_dir, require_masks, workers=1)
+    return cases
 
 
 def write_patient(root: Path, name: str, slices: int, size: int = 32, mask_scale: int = 255, masks=True):
@@ -106,7 +112,7 @@ def test_unlabelled_folders_load_without_masks(tmp_path):
     write_patient(tmp_path, "TCGA_CS_0009_20000101", slices=5, masks=False)
     (case,) = load_kaggle_3m(tmp_path, image_size=16, require_masks=False, cache_dir=None)
     assert case.label is None
-    assert case.image.shape == (3, 3, 16, 16)
+    assert case.image.shape == (3, 5, 16, 16)  # every slice: dropping edges is a training choice
 
 
 def test_preprocessing_crops_pads_resizes_and_normalises(tmp_path):
@@ -114,14 +120,14 @@ def test_preprocessing_crops_pads_resizes_and_normalises(tmp_path):
     volume[:, 5:35, 10:30] = np.random.default_rng(0).integers(50, 200, (6, 30, 20, 3))
     mask = np.zeros((6, 40, 50), np.uint8)
     mask[2:4, 10:20, 15:25] = 1
-    image, label, names = preprocess_patient(volume, mask, list("123456"), image_size=24, edge_slices=1)
-    assert names == list("2345")
-    assert image.shape == (3, 4, 24, 24) and image.dtype == np.float32
-    assert label.shape == (4, 24, 24) and set(np.unique(label)) == {0, 1}
+    image, label, placement = preprocess_patient(volume, mask, image_size=24)
+    assert placement == {"box": [5, 35, 10, 30], "padding": [[0, 0], [5, 5]]}  # 30 x 20 head, padded to 30 x 30
+    assert image.shape == (3, 6, 24, 24) and image.dtype == np.float32
+    assert label.shape == (6, 24, 24) and set(np.unique(label)) == {0, 1}
     np.testing.assert_allclose(image.mean(axis=(1, 2, 3)), 0, atol=1e-4)
     np.testing.assert_allclose(image.std(axis=(1, 2, 3)), 1, atol=1e-3)
     # the head (30 × 20 box) is padded to 30 × 30 and scaled by 24/30: its width becomes 16 pixels
-    assert label[1].any(axis=0).sum() == pytest.approx(10 * 24 / 30, abs=1)
+    assert label[2].any(axis=0).sum() == pytest.approx(10 * 24 / 30, abs=1)
 
 
 def test_nothing_is_written_in_the_data_folder_and_the_cache_is_reused(tmp_path, monkeypatch):
@@ -135,7 +141,7 @@ def test_nothing_is_written_in_the_data_folder_and_the_cache_is_reused(tmp_path,
     def fail(*args, **kwargs):
         raise AssertionError("the cache was not used")
 
-    monkeypatch.setattr(dataset, "read_patient", fail)
+    monkeypatch.setattr(dataset, "read_slices", fail)
     cached = load_kaggle_3m(data, image_size=16, cache_dir=tmp_path / "cache")
     for first, second in zip(cases, cached, strict=True):
         np.testing.assert_array_equal(first.image, second.image)
@@ -161,7 +167,10 @@ def test_sampling_weights_follow_tumour_area_and_survive_an_empty_case():
     with_tumour[1, :2, :2] = 1  # area 4
     with_tumour[2, :3, :4] = 1  # area 12
     empty = np.zeros((2, 8, 8), np.uint8)
-    cases = [Case("a", np.zeros((1, 4, 8, 8), np.float32), with_tumour), Case("b", None, empty)]
+    cases = [
+        Case.from_arrays("a", np.zeros((1, 4, 8, 8), np.float32), with_tumour),
+        Case.from_arrays("b", np.zeros((1, 2, 8, 8), np.float32), empty),
+    ]
     weights = slice_sampling_weights(cases)
     uniform = 1 / 11 / 4
     expected_a = [uniform, 10 / 11 * 4 / 16 + uniform, 10 / 11 * 12 / 16 + uniform, uniform]
@@ -169,16 +178,67 @@ def test_sampling_weights_follow_tumour_area_and_survive_an_empty_case():
     assert weights.sum() == pytest.approx(1.0)
 
 
-def test_the_slice_dataset_serves_channels_first_tensors():
+def test_edge_slices_get_no_training_weight_unless_that_would_leave_none():
+    label = np.zeros((5, 4, 4), np.uint8)
+    label[0, 0, 0] = 1  # tumour on an edge slice: still never drawn for training
+    short = np.zeros((2, 4, 4), np.uint8)
+    cases = [
+        Case.from_arrays("a", np.zeros((1, 5, 4, 4), np.float32), label),
+        Case.from_arrays("b", np.zeros((1, 2, 4, 4), np.float32), short),
+    ]
+    weights = slice_sampling_weights(cases, edge_slices=1)
+    np.testing.assert_allclose(weights[:5], [0, 1 / 6, 1 / 6, 1 / 6, 0])
+    np.testing.assert_allclose(weights[5:], [0.25, 0.25])
+
+
+def test_the_slice_dataset_serves_channels_first_tensors_drawn_by_weight():
     image = np.random.default_rng(0).normal(size=(3, 5, 8, 8)).astype(np.float32)
     label = np.zeros((5, 8, 8), np.uint8)
     label[3, 2:4, 2:4] = 1
-    slices = SliceDataset([Case("a", image, label), Case("b", image, label)])
+    cases = [Case.from_arrays("a", image, label), Case.from_arrays("b", image, label)]
+    only_slice_3_of_b = np.zeros(10)
+    only_slice_3_of_b[8] = 1.0
+    slices = SliceDataset(cases, only_slice_3_of_b)
     assert len(slices) == 10
-    x, y = slices[8]
-    assert x.shape == (3, 8, 8) and y.shape == (1, 8, 8)
-    np.testing.assert_array_equal(x.numpy(), image[:, 3])
-    assert int(y.sum()) == 4
+    for sample in (0, 7, 123):
+        x, y = slices[sample]
+        assert x.shape == (3, 8, 8) and y.shape == (1, 8, 8)
+        np.testing.assert_array_equal(x.numpy(), image[:, 3])
+        assert int(y.sum()) == 4
+
+
+def test_a_training_sample_is_a_function_of_the_seed_and_its_number_only():
+    label = np.zeros((12, 12, 12), np.uint8)
+    label[4:8, 4:8, 4:8] = 1
+    image = np.random.default_rng(0).normal(size=(1, 12, 12, 12)).astype(np.float32)
+    case = Case.from_arrays("a", image, label)
+    transform = dataset_transform()
+    first = dataset.PatchDataset([case], (8, 8, 8), length=4, transform=transform, seed=3)
+    again = dataset.PatchDataset([case], (8, 8, 8), length=4, transform=transform, seed=3)
+    for sample in (5, 0, 5, 17):  # any order, any repetition
+        np.testing.assert_array_equal(first[sample][0], again[sample][0])
+    assert not torch.equal(first[5][0], first[6][0])
+    other_seed = dataset.PatchDataset([case], (8, 8, 8), length=4, transform=transform, seed=4)
+    assert not torch.equal(first[5][0], other_seed[5][0])
+
+
+def dataset_transform():
+    from transform import build_transform
+
+    return build_transform(scale=0.1, degrees=20, intensity=0.1)
+
+
+def test_the_epoch_sampler_splits_every_global_batch_between_ranks():
+    single = dataset.EpochSampler(steps=3, batch_size=4)
+    single.set_epoch(2)
+    assert list(single) == list(range(24, 36))
+    ranks = [dataset.EpochSampler(steps=3, batch_size=4, rank=r, world_size=2) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    first, second = list(ranks[0]), list(ranks[1])
+    assert first == [24, 25, 28, 29, 32, 33] and second == [26, 27, 30, 31, 34, 35]
+    with pytest.raises(ValueError, match="batch_size 3 must be divisible by the number of processes 2"):
+        dataset.EpochSampler(steps=1, batch_size=3, world_size=2)
 
 
 def test_patches_reaching_outside_the_volume_are_zero_padded():
@@ -200,10 +260,10 @@ def test_patch_dataset_centres_the_requested_share_on_foreground():
     label = np.zeros((20, 20, 20), np.uint8)
     label[2:4, 2:4, 2:4] = 1
     image = np.zeros((1, 20, 20, 20), np.float32)
-    torch.manual_seed(0)
-    always = dataset.PatchDataset([Case("a", image, label)], (8, 8, 8), length=20, foreground_ratio=1.0)
+    case = Case.from_arrays("a", image, label)
+    always = dataset.PatchDataset([case], (8, 8, 8), length=20, foreground_ratio=1.0)
     assert all(int(always[i][1].sum()) > 0 for i in range(len(always)))
-    never = dataset.PatchDataset([Case("a", image, label)], (8, 8, 8), length=200, foreground_ratio=0.0)
+    never = dataset.PatchDataset([case], (8, 8, 8), length=200, foreground_ratio=0.0)
     hits = sum(int(never[i][1].sum()) > 0 for i in range(len(never)))
     assert hits < 30  # a patch placed uniformly inside covers the 2³ corner cube in about 3% of draws
     x, y = always[0]
@@ -211,12 +271,11 @@ def test_patch_dataset_centres_the_requested_share_on_foreground():
 
 
 def test_a_volume_smaller_than_the_patch_is_padded_with_one_warning_and_always_seen_whole():
-    small = Case("small", np.ones((1, 4, 4, 4), np.float32), np.ones((4, 4, 4), np.uint8))
+    small = Case.from_arrays("small", np.ones((1, 4, 4, 4), np.float32), np.ones((4, 4, 4), np.uint8))
     with pytest.warns(UserWarning, match=r"1 case\(s\) smaller than the patch \(8, 8, 8\) are zero-padded"):
         patches = dataset.PatchDataset([small], (8, 8, 8), length=30, foreground_ratio=0.5)
-    torch.manual_seed(0)
     offsets = set()
-    for x, y in patches:
+    for x, y in (patches[i] for i in range(30)):
         assert x.shape == (1, 8, 8, 8) and int(y.sum()) == 64
         offsets.add(tuple(np.argwhere(y[0].numpy())[0]))
     assert len(offsets) > 1  # placed at random offsets, not always centred
@@ -225,11 +284,10 @@ def test_a_volume_smaller_than_the_patch_is_padded_with_one_warning_and_always_s
 def test_patches_of_a_larger_volume_lie_inside_it_on_the_long_axes():
     label = np.zeros((6, 20, 20), np.uint8)
     label[:, 0, 0] = 1  # foreground in a corner: centring there must not pad the patch
-    case = Case("a", np.ones((1, 6, 20, 20), np.float32), label)
+    case = Case.from_arrays("a", np.ones((1, 6, 20, 20), np.float32), label)
     with pytest.warns(UserWarning, match="zero-padded"):
         patches = dataset.PatchDataset([case], (8, 8, 8), length=40, foreground_ratio=0.5)
-    torch.manual_seed(0)
-    for x, _ in patches:
+    for x, _ in (patches[i] for i in range(40)):
         assert int(x.sum()) == 6 * 8 * 8  # the whole short axis, and no padding on the long ones
 
 
@@ -237,11 +295,37 @@ def test_slices_can_be_taken_along_any_axis_and_padded_to_one_size():
     image = np.random.default_rng(0).normal(size=(1, 6, 7, 5)).astype(np.float32)
     label = np.zeros((6, 7, 5), np.uint8)
     label[:, 3, :] = 2
-    slices = SliceDataset([Case("a", image, label)], axis=1, slice_size=(8, 8))
+    case = Case.from_arrays("a", image, label)
+    only_slice_3 = np.eye(7)[3]
+    slices = SliceDataset([case], only_slice_3, axis=1, slice_size=(8, 8))
     assert len(slices) == 7
-    x, y = slices[3]
+    x, y = slices[0]
     assert x.shape == (1, 8, 8) and y.shape == (1, 8, 8)
     np.testing.assert_array_equal(x.numpy()[0, 1:7, 1:6], image[0, :, 3, :])
     assert int((y == 2).sum()) == 30
-    weights = slice_sampling_weights([Case("a", image, label)], axis=1)
+    weights = slice_sampling_weights([case], axis=1)
     assert weights[3] == pytest.approx(10 / 11 + 1 / 11 / 7)
+
+
+def test_a_slice_name_that_does_not_parse_is_named(tmp_path):
+    folder = write_patient(tmp_path, "TCGA_CS_0010_20000101", slices=3)
+    (folder / "TCGA_CS_0010_20000101_3 (copy).tif").write_bytes((folder / "TCGA_CS_0010_20000101_3.tif").read_bytes())
+    with pytest.raises(ValueError, match=r"_3 \(copy\)\.tif: the slice name does not parse"):
+        read_patient(folder)
+
+
+def test_two_files_for_one_slice_number_are_named(tmp_path):
+    folder = write_patient(tmp_path, "TCGA_CS_0011_20000101", slices=3)
+    (folder / "TCGA_CS_0011_20000101_03.tif").write_bytes((folder / "TCGA_CS_0011_20000101_3.tif").read_bytes())
+    with pytest.raises(ValueError, match=r"_03\.tif and .*_3\.tif are both slice 3|_3\.tif and .*_03\.tif are both"):
+        read_patient(folder)
+
+
+def test_a_gap_in_the_slice_numbers_is_warned_about_and_kept_on_the_source_grid(tmp_path):
+    folder = write_patient(tmp_path, "TCGA_CS_0012_20000101", slices=9)
+    for suffix in ("", "_mask"):
+        (folder / f"TCGA_CS_0012_20000101_8{suffix}.tif").unlink()
+    with pytest.warns(UserWarning, match=r"slice number\(s\) \[8\] are missing"):
+        (case,) = load_kaggle_3m(tmp_path, image_size=16)
+    assert case.shape[0] == 8 and case.slice_names == ["1", "2", "3", "4", "5", "6", "7", "9"]
+    assert case.source["shape"][0] == 9 and case.source["slice_index"][-1] == 8  # slice 9 is not next to 7

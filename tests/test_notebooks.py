@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import TrainConfig, data_shapes, evaluate, load_cases, make_model, validate
+import distributed
+from engine import TrainConfig, data_shapes, evaluate, load_cases, make_model, output_folder, validate
 from loss import build_loss
 from synthetic import make_decathlon, make_kaggle_3m, make_luna
 from utils import read_metrics_csv, seed_everything
@@ -36,13 +37,13 @@ def untrained_validation_dsc(settings: dict) -> float:
     """Mean validation DSC of the same network before any training step."""
     config = TrainConfig(**{k: v for k, v in settings.items() if k != "run_name"})
     seed_everything(config.seed)
-    cases, info = load_cases(config)
-    split = json.loads((Path(settings["runs_dir"]) / "tiny" / "args.json").read_text())["split"]
-    validation = [case for case in cases if case.case_id in split["validation"]]
+    args = json.loads((Path(settings["runs_dir"]) / "tiny" / "args.json").read_text())
+    cases, info, _ = load_cases(config, plan=args["plan"])
+    validation = [case for case in cases if case.case_id in args["split"]["validation"]]
     model = make_model(config, info)
     shapes = data_shapes(cases, config, model.size_divisor)
-    _, dsc, _ = validate(model, validation, build_loss("dice"), info, torch.device("cpu"), shapes, config)
-    return dsc
+    context = distributed.Context(device=torch.device("cpu"))
+    return validate(model, validation, build_loss("dice"), info, context, shapes, config)["dsc"]
 
 
 def run_notebook(name: str, executed: Path, **parameters) -> None:
@@ -80,7 +81,7 @@ def test_inference_notebook_writes_the_dsc_table_plot_overlays_and_gifs(trained_
     rows = read_metrics_csv(output / "dsc.csv")
     split = json.loads((run_dir / "args.json").read_text())["split"]
     assert sorted(row["case"] for row in rows) == sorted(split["validation"] + split["test"])
-    assert all(0.0 <= row["dsc_mean"] <= 1.0 and 0.0 <= row["dsc_mean_lcc"] <= 1.0 for row in rows)
+    assert all(0.0 <= row["dsc_mean"] <= 1.0 and 0.0 <= row["dsc_mean_pp"] <= 1.0 for row in rows)
     assert (output / "dsc.png").is_file()
     for case_id in split["validation"] + split["test"]:
         pngs = sorted((output / "predictions").glob(f"{case_id}-*.png"))
@@ -117,7 +118,7 @@ def test_inference_predicts_a_folder_without_masks(trained_run):
         run_dir=str(run_dir),
         data_dir=str(unlabelled),
     )
-    output = run_dir / "inference-unlabelled"
+    output = output_folder([run_dir], str(unlabelled))
     assert not (output / "dsc.csv").exists()
     assert (output / "predictions" / f"{patient.name}.gif").is_file()
     assert list((output / "predictions").glob(f"{patient.name}-*.png"))

@@ -160,29 +160,31 @@ def test_hd95_rejects_a_spacing_of_the_wrong_length():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_case_metrics_reports_scores_before_and_after_largest_component():
+def test_case_metrics_reports_scores_before_and_after_post_processing():
     truth = np.zeros((6, 8), dtype=np.uint8)
     truth[1:3, 1:3] = 1
     pred = truth.copy()
     pred[5, 7] = 1  # a stray pixel that post-processing removes
-    row = utils.case_metrics("case-7", pred, truth, {1: "tumour"})
+    row = utils.case_metrics("case-7", pred, truth, {1: "tumour"}, postprocessing="largest")
     assert list(row) == [
         "case",
         "dsc_tumour",
         "dsc_mean",
         "hd95_tumour",
-        "dsc_tumour_lcc",
-        "dsc_mean_lcc",
-        "hd95_tumour_lcc",
+        "missed_tumour",
+        "dsc_tumour_pp",
+        "dsc_mean_pp",
+        "hd95_tumour_pp",
+        "missed_tumour_pp",
     ]
     assert row["case"] == "case-7"
     assert row["dsc_tumour"] == pytest.approx(2 * 4 / (5 + 4))
     assert row["dsc_mean"] == pytest.approx(2 * 4 / (5 + 4))
     # 8 distances of 0 and the stray pixel's sqrt(3^2 + 5^2): percentile index 0.95 * 8 = 7.6
     assert row["hd95_tumour"] == pytest.approx(0.6 * math.sqrt(34))
-    assert row["dsc_tumour_lcc"] == 1.0
-    assert row["dsc_mean_lcc"] == 1.0
-    assert row["hd95_tumour_lcc"] == 0.0
+    assert row["dsc_tumour_pp"] == 1.0
+    assert row["dsc_mean_pp"] == 1.0
+    assert row["hd95_tumour_pp"] == 0.0
 
 
 def test_case_metrics_averages_classes_and_scales_hd95_by_spacing():
@@ -198,7 +200,39 @@ def test_case_metrics_averages_classes_and_scales_hd95_by_spacing():
     assert row["dsc_mean"] == pytest.approx(0.5)
     assert row["hd95_liver"] == 0.0
     assert row["hd95_lesion"] == pytest.approx(2.0)
-    assert row["dsc_mean_lcc"] == pytest.approx(0.5)
+    assert row["dsc_mean_pp"] == pytest.approx(0.5)
+
+
+def test_a_missed_structure_gets_the_image_diagonal_as_hd95_and_is_counted():
+    truth = np.zeros((4, 6, 8), dtype=np.uint8)
+    truth[1:3, 1:3, 1:3] = 1
+    truth[2, 4, 6] = 2
+    pred = truth.copy()
+    pred[pred == 2] = 0  # class 2 missed
+    spacing = (2.0, 1.0, 0.5)
+    row = utils.case_metrics("c", pred, truth, {1: "a", 2: "b"}, spacing=spacing, postprocessing="none")
+    diagonal = math.sqrt((4 * 2.0) ** 2 + (6 * 1.0) ** 2 + (8 * 0.5) ** 2)
+    assert row["hd95_b"] == pytest.approx(diagonal) and row["missed_b"] == 1
+    assert row["hd95_a"] == 0.0 and row["missed_a"] == 0
+    spurious = utils.case_metrics("c", truth, pred, {1: "a", 2: "b"}, spacing=spacing)
+    assert spurious["hd95_b"] == pytest.approx(diagonal) and spurious["missed_b"] == 1
+    absent = utils.case_metrics("c", pred, pred, {1: "a", 2: "b"}, spacing=spacing)
+    assert absent["hd95_b"] == 0.0 and absent["dsc_b"] == 1.0 and absent["missed_b"] == 0
+
+
+def test_keeping_large_components_keeps_both_lungs_where_the_largest_only_deletes_one():
+    lungs = np.zeros((10, 20, 30), dtype=np.uint8)
+    lungs[2:8, 3:17, 2:13] = 1  # right lung
+    lungs[2:8, 3:17, 16:28] = 1  # left lung, a little larger
+    noisy = lungs.copy()
+    noisy[0, 0, 0] = 1  # a stray voxel
+    largest = utils.postprocess(noisy, "largest", [1])
+    assert utils.dice_coefficient(largest, lungs) < 0.7  # one lung gone
+    large = utils.postprocess(noisy, "large", [1])
+    np.testing.assert_array_equal(large, lungs)
+    np.testing.assert_array_equal(utils.postprocess(noisy, "none", [1]), noisy)
+    with pytest.raises(ValueError, match="unknown post-processing 'biggest'"):
+        utils.postprocess(noisy, "biggest", [1])
 
 
 def test_case_metrics_rejects_background_in_class_names():
@@ -420,3 +454,18 @@ def test_write_json_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
         utils.write_json_atomic({"epoch": object()}, path)
     assert json.loads(path.read_text()) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["history.json"]
+
+
+def test_radiological_view_turns_flipped_scans_to_anterior_up_and_patient_right_on_the_left():
+    assert utils.radiological_view(None) == ((0, 1, 2), (False, False, False))
+    assert utils.radiological_view((1, 0, 0, 0, 1, 0, 0, 0, 1)) == ((0, 1, 2), (False, False, False))
+    # a CT stored with direction diag(-1, -1, 1): rows run back to front, columns left to right
+    view = utils.radiological_view((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    assert view == ((0, 1, 2), (False, True, True))
+    array = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    np.testing.assert_array_equal(utils.to_view(array, view), array[:, ::-1, ::-1])  # rotated 180° in-plane
+    # a sagittal acquisition: array axis 2 (ITK x) runs foot to head, axis 0 (ITK z) right to left
+    sagittal = (0, 0, 1, 0, 1, 0, 1, 0, 0)
+    order, flips = utils.radiological_view(sagittal)
+    assert order == (2, 1, 0) and flips == (False, False, False)
+    assert utils.to_view(array, (order, flips)).shape == (4, 3, 2)

@@ -1,0 +1,197 @@
+"""The settings of a training run: one dataclass shared by train.ipynb and the command line (train.py).
+
+`TrainConfig.check()` rejects impossible settings with a message that names the setting, before any data is
+read; `from_namespace` (the notebook's parameters cell) and `from_file` (a YAML or JSON file for torchrun)
+reject unknown names and suggest the closest setting, so that a misspelt parameter is never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
+
+AMP_MODES = (False, True, "auto", "bfloat16", "float16")
+# Names other tools give to settings, for the hint in the unknown-setting error.
+ALIASES = {
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "n_epochs": "epochs",
+    "batch": "batch_size",
+    "features": "init_features",
+    "workers": "num_workers",
+    "network": "model",
+    "architecture": "model",
+}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run; the defaults are the reference brain-MRI experiment."""
+
+    run_name: str = "unet"  # the run's folder under runs_dir
+    runs_dir: str = "runs"
+    dataset: str = "kaggle_3m"  # kaggle_3m, luna, msd
+    data_dir: str = "data/kaggle_3m"
+    cache_dir: str = ".cache"  # preprocessed volumes, never inside data_dir
+    preprocess_workers: int | None = None  # processes that preprocess cases (None: the CPU count)
+    image_size: int = 256  # kaggle_3m: slices resized to image_size²
+    edge_slices: int = 1  # kaggle_3m: slices at each end of a volume that training never draws
+    spacing: float | list | None = None  # luna, msd: resampling in mm (None: luna 2.5, msd the median)
+    hu_window: list | None = None  # CT clip in HU (None: the lung window for luna, from the data for msd)
+    lung_labels: list = dataclasses.field(default_factory=lambda: [3, 4])  # luna: mask labels = lung
+    validation_cases: int = 10
+    test_cases: int = 10
+    model: str = "unet"  # unet, attention_unet, unet_pp, res_unet (2D); unet3d, res_unet3d, vnet (3D)
+    init_features: int = 32
+    model_options: dict = dataclasses.field(default_factory=dict)
+    loss: str = "dice"  # dice, bce, ce, dice_bce, dice_ce, focal, dice_focal, tversky
+    loss_options: dict = dataclasses.field(default_factory=dict)
+    slice_axis: int = 0  # 2D networks on volumes: the spatial axis slices are taken along
+    patch_size: list | None = None  # 3D networks: training patch and inference window (D, H, W)
+    patches_per_epoch: int = 250  # 3D networks: patches drawn per epoch
+    foreground_ratio: float = 0.33  # 3D networks: share of patches centred on foreground
+    overlap: float = 0.5  # 3D inference: overlap of the sliding windows
+    mirror_tta: bool = False  # inference: average over the flips of aug_flip_axes (not in validation)
+    epochs: int = 100
+    time_budget_minutes: float | None = None  # stop training (then validate once more) after this long
+    batch_size: int = 16  # the global batch: split across the processes of a torchrun run
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant, or poly: lr × (1 - progress)^0.9 as nnU-Net
+    aug_scale: float = 0.05
+    aug_angle: float = 15.0
+    aug_flip: float = 0.5
+    aug_flip_axes: list = dataclasses.field(default_factory=lambda: [-1])  # input axes mirrored (-1: width)
+    aug_intensity: float = 0.0  # random per-channel gain and shift (0: off)
+    aug_affine_prob: float = 1.0  # share of samples scaled and rotated (nnU-Net: 0.2 each); the rest exact
+    num_workers: int = 0
+    amp: bool | str = "auto"  # mixed precision: auto (bfloat16 on GPUs that have it, float16 on others,
+    # off on CPU), True (also bfloat16 on CPU), False, "bfloat16" or "float16"
+    channels_last: bool = True  # measured faster on CPU for the 2D U-Net (report.md)
+    compile_model: bool = False  # torch.compile the network
+    vis_freq: int = 10  # epochs between overlay images in TensorBoard
+    seed: int = 42
+    split_seed: int | None = None  # seed of the train/validation/test split; None: the same as seed
+    device: str = "auto"  # auto, cpu, cuda
+    resume: bool = True  # continue an interrupted run; False starts it over
+
+    @classmethod
+    def from_namespace(cls, namespace: Mapping) -> TrainConfig:
+        """The settings in a namespace (a notebook's globals()): plain values only, every name known.
+
+        Modules, functions, classes, other objects, private names (`_x`) and the notebook's own results
+        (NOT_SETTINGS) are not settings; any other plain value whose name is not a setting (e.g.
+        `learning_rate`) is an error that suggests the closest one.
+        """
+        values = {
+            name: value
+            for name, value in namespace.items()
+            if not name.startswith("_") and name not in NOT_SETTINGS and isinstance(value, PLAIN_TYPES)
+        }
+        return cls.from_mapping(values, "the notebook's parameters")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping, where: str) -> TrainConfig:
+        """Settings from a mapping; unknown names are an error naming `where` and the closest setting."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [name for name in values if name not in names]
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = [ALIASES[name]] if name in ALIASES else difflib.get_close_matches(name, names, 1, 0.5)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"Unknown setting(s) in {where}: {', '.join(hints)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: Mapping | None = None) -> TrainConfig:
+        """Settings from a YAML or JSON file of TrainConfig fields, then `overrides` (command-line ones)."""
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ValueError(f"Cannot read the settings file {path}: {error}") from error
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"{path}: expected a mapping of settings (name: value), got {type(values).__name__}"
+            )
+        return cls.from_mapping({**values, **(overrides or {})}, str(path))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the settings as a YAML file that `from_file` and `torchrun train.py --config` read."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(self))), sort_keys=False))
+        return path
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name
+
+    def check(self, spatial_dims: int | None = None) -> None:
+        """ValueError naming the setting for any value no run can use (cheap: no data is read)."""
+        problems = []
+
+        def require(condition: bool, message: str) -> None:
+            if not condition:
+                problems.append(message)
+
+        require(
+            isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"
+        )
+        require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        require(
+            self.validation_cases >= 1, f"validation_cases must be at least 1, got {self.validation_cases}"
+        )
+        require(self.test_cases >= 1, f"test_cases must be at least 1, got {self.test_cases}")
+        require(self.image_size >= 8, f"image_size must be at least 8 pixels, got {self.image_size}")
+        require(
+            self.slice_axis in (0, 1, 2),
+            f"slice_axis must be 0, 1 or 2 (a spatial axis), got {self.slice_axis}",
+        )
+        require(self.edge_slices >= 0, f"edge_slices must be 0 or more, got {self.edge_slices}")
+        require(
+            self.patches_per_epoch >= 1, f"patches_per_epoch must be at least 1, got {self.patches_per_epoch}"
+        )
+        require(
+            0 <= self.foreground_ratio <= 1,
+            f"foreground_ratio must be in [0, 1], got {self.foreground_ratio}",
+        )
+        require(0 <= self.overlap < 1, f"overlap must be in [0, 1), got {self.overlap}")
+        require(
+            self.lr_schedule in ("constant", "poly"),
+            f"lr_schedule must be 'constant' or 'poly', got {self.lr_schedule!r}",
+        )
+        require(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        require(self.num_workers >= 0, f"num_workers must be 0 or more, got {self.num_workers}")
+        require(
+            self.time_budget_minutes is None or self.time_budget_minutes > 0,
+            f"time_budget_minutes must be positive or None, got {self.time_budget_minutes}",
+        )
+        if self.patch_size is not None:
+            require(
+                len(self.patch_size) == 3 and all(int(p) >= 1 for p in self.patch_size),
+                f"patch_size must be 3 positive sizes (D, H, W), got {self.patch_size}",
+            )
+        if self.hu_window is not None:
+            require(
+                len(self.hu_window) == 2 and self.hu_window[0] < self.hu_window[1],
+                f"hu_window must be [low, high] with low < high, got {self.hu_window}",
+            )
+        data, cache = Path(self.data_dir).resolve(), Path(self.cache_dir).resolve()
+        require(
+            not cache.is_relative_to(data),
+            f"cache_dir {self.cache_dir} is inside data_dir {self.data_dir}: the data folder stays read-only",
+        )
+        if problems:
+            raise ValueError("Invalid settings: " + "; ".join(problems))
+
+
+# Notebook variables that are not settings: IPython's own, and what train.ipynb computes after the parameters.
+NOT_SETTINGS = {"In", "Out", "exit", "quit", "config", "result"}
+PLAIN_TYPES = (bool, int, float, str, list, dict, tuple, type(None))

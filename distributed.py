@@ -1,0 +1,89 @@
+"""One training run over several processes: PyTorch's own distributed engine, as launched by `torchrun`.
+
+`torchrun --nproc_per_node=N train.py --config run.yaml` starts N processes and sets RANK, WORLD_SIZE,
+LOCAL_RANK and the rendezvous address in their environment; `setup` joins them into one process group (gloo
+on CPU, NCCL on CUDA, one GPU per process). Started any other way (a notebook, `python train.py`), a run is
+a group of one and none of this costs anything. Rank 0 is the only one that writes files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from utils import select_device
+
+TIMEOUT = datetime.timedelta(minutes=30)  # a rank that waits longer for the others gives up
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands in its run: its rank among world_size processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher that sets WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: str = "auto") -> Context:
+    """Join the process group when launched by torchrun; a group of one otherwise."""
+    if not launched():
+        return Context(device=select_device(device))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = select_device(device)
+    if chosen.type == "cuda":
+        chosen = torch.device("cuda", local_rank)
+        torch.cuda.set_device(chosen)
+    if not dist.is_initialized():
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=TIMEOUT, device_id=chosen if chosen.type == "cuda" else None)
+    return Context(rank, world_size, chosen)
+
+
+def barrier(context: Context) -> None:
+    """Wait until every rank gets here."""
+    if context.distributed:
+        dist.barrier()
+
+
+def gather(context: Context, value: Any) -> list[Any]:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if not context.distributed:
+        return [value]
+    values: list[Any] = [None] * context.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def broadcast(context: Context, value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    if not context.distributed:
+        return value
+    holder = [value if context.is_main else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def teardown(context: Context) -> None:
+    """Leave the process group (at the end of a launched run)."""
+    if context.distributed and dist.is_initialized():
+        dist.destroy_process_group()
