@@ -445,6 +445,15 @@ def _summary(config: TrainConfig, state: dict) -> dict:
     }
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of a network's parameters and buffers: equal on every rank of a healthy data-parallel run."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def train(config: TrainConfig) -> dict:
     """Train, validate every epoch, keep the best weights; returns the run's summary and history.
 
@@ -463,18 +472,26 @@ def train(config: TrainConfig) -> dict:
 
 def _train(config: TrainConfig, context: distributed.Context) -> dict:
     run_dir = config.run_dir
+
+    def say(message: str) -> None:
+        if context.is_main:
+            print(message, flush=True)
+
     sources, info = find_sources(config.dataset, config.data_dir)
     by_id = {source.case_id: source for source in sources}
     case_ids = sorted(by_id)
     state = _resume_state(config, case_ids, context)
     distributed.barrier(context)
     if state is not None and state["finished"] and not _wants_more(state, config):
-        print(
+        say(
             f"Run {run_dir} is finished ({len(state['history'])} epochs, best validation mean DSC "
             f"{state['best']:.4f} at epoch {state['best_epoch']}); its results are in {run_dir}. Nothing was "
             "changed: raise epochs or time_budget_minutes to continue it, or set resume=False to start over."
         )
-        return _summary(config, state)
+        summary = _summary(config, state)
+        if context.is_main and not (run_dir / RESULT).exists():  # killed just before writing it
+            write_json_atomic({k: v for k, v in summary.items() if k != "history"}, run_dir / RESULT)
+        return summary
     if context.is_main:
         if state is None:
             clear_run(run_dir)
@@ -527,7 +544,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
         _restore_random_state(state["random"])
         best, best_epoch, best_model = state["best"], state["best_epoch"], state["best_model"]
         start_epoch, history = len(state["history"]), state["history"]
-        print(f"Resuming {run_dir} after epoch {start_epoch}")
+        say(f"Resuming {run_dir} after epoch {start_epoch}")
     wrapped = DistributedDataParallel(model) if context.distributed else model
     step_model = torch.compile(wrapped) if config.compile_model else wrapped
     base_loss = build_loss(config.loss, **config.loss_options)
@@ -554,7 +571,10 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
         model.train()
         losses, data_seconds, samples = [], 0.0, 0
         waited = time.perf_counter()
-        for images, labels in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
+        progress_bar = tqdm(
+            loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not context.is_main
+        )
+        for images, labels in progress_bar:
             data_seconds += time.perf_counter() - waited
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -577,11 +597,13 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
             if out_of_time:
                 break
         step_losses = torch.stack(losses).float().cpu().tolist()
+        if context.distributed:  # the mean over ranks: what one process with the whole batch would see
+            step_losses = np.mean(distributed.gather(context, step_losses), axis=0).tolist()
         if not all(math.isfinite(value) for value in step_losses):
             raise FloatingPointError(
                 f"Training loss became {next(v for v in step_losses if not math.isfinite(v))} in epoch "
-                f"{epoch + 1} of {run_dir}: check the images for NaN or extreme values, or lower lr ({config.lr}); the "
-                "checkpoint of the last good epoch is kept"
+                f"{epoch + 1} of {run_dir}: check the images for NaN or extreme values, or lower lr "
+                f"({config.lr}); the checkpoint of the last good epoch is kept"
             )
         train_seconds = time.perf_counter() - started
         show = (epoch + 1) % config.vis_freq == 0 or epoch + 1 == config.epochs
@@ -632,20 +654,25 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
             }
             save_state(run_dir, checkpoint, history)
         distributed.barrier(context)
-        print(
+        say(
             f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, val loss {result['loss']:.4f}, "
             f"val mean DSC {result['dsc']:.4f} ({train_seconds:.0f} s training)"
         )
         if trained_seconds >= budget_seconds:
-            print(f"Training time budget of {config.time_budget_minutes} minutes reached")
+            say(f"Training time budget of {config.time_budget_minutes} minutes reached")
             break
     if logger is not None:
         logger.close()
     state = {"best": best, "best_epoch": best_epoch, "history": history, "split": split, "finished": finished}
     summary = _summary(config, state)
+    summary["rank_weights"] = distributed.gather(context, weights_fingerprint(model))
+    if len(set(summary["rank_weights"])) > 1:
+        raise RuntimeError(
+            f"The processes of run {run_dir} ended with different weights: {summary['rank_weights']}"
+        )
     if context.is_main:
         write_json_atomic({k: v for k, v in summary.items() if k != "history"}, run_dir / RESULT)
-    print(
+    say(
         f"Best validation mean DSC: {best:.4f} (epoch {best_epoch}); "
         f"post-processing chosen on validation: {summary['postprocessing']}"
     )

@@ -1,0 +1,156 @@
+"""torchrun data-parallel training on CPU (gloo): the same run as one process, written by rank 0 only."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import load_run
+from runs import read_checkpoint
+from synthetic import make_decathlon
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+# Instance norm and cross-entropy make one step over 2 × 2 samples the very step over 4 (a mean over the
+# batch, split evenly): batch norm's statistics or a Dice over the whole batch would differ per rank.
+# What remains is the order of floating-point sums in the gradient all-reduce, about 1e-7 per gradient; Adam
+# divides by the gradient's running scale, so where a gradient is near zero that can move a weight by a
+# small fraction of one step (lr = 3e-3). Measured: 2e-6 (2D) and 1.3e-4 (3D) after 8 steps.
+TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_decathlon(tmp_path_factory.mktemp("msd"), n_cases=6, seed=1)
+
+
+def settings_file(folder: Path, data: Path, **settings) -> Path:
+    values = {
+        "runs_dir": str(folder / "runs"),
+        "cache_dir": str(folder / "cache"),
+        "dataset": "msd",
+        "data_dir": str(data),
+        "loss": "ce",
+        "init_features": 4,
+        "validation_cases": 1,
+        "test_cases": 1,
+        "epochs": 2,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "patches_per_epoch": 16,
+        "preprocess_workers": 1,
+        "channels_last": False,
+        **settings,
+    }
+    path = folder / f"{values['run_name']}.yaml"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def launch(config: Path, processes: int, *extra: str, wait: bool = True):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        command = [sys.executable, str(REPO / "train.py"), "--config", str(config), *extra]
+    else:
+        command = [
+            str(TORCHRUN),
+            f"--nproc_per_node={processes}",
+            str(REPO / "train.py"),
+            "--config",
+            str(config),
+        ]
+        command += list(extra)
+    if not wait:
+        return subprocess.Popen(
+            command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+    finished = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return finished
+
+
+def weights(run_dir: Path) -> dict:
+    return read_checkpoint(run_dir / "checkpoint.pt")["model"]
+
+
+def assert_close(first: dict, second: dict, tolerance: float) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        difference = (first[name].double() - second[name].double()).abs().max().item()
+        assert difference <= tolerance, (name, difference)
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "options"),
+    [
+        ("slices", "res_unet", {"norm": "instance"}),
+        ("patches", "res_unet3d", {"norm": "instance", "depth": 2}),
+    ],
+)
+def test_two_processes_train_the_run_of_one_process_and_only_rank_0_writes(
+    tmp_path, data, name, model, options
+):
+    two = settings_file(tmp_path, data, run_name=f"{name}-2", model=model, model_options=options)
+    one = settings_file(tmp_path, data, run_name=f"{name}-1", model=model, model_options=options)
+    launch(two, 2)
+    launch(one, 1)
+    runs = tmp_path / "runs"
+    result = json.loads((runs / f"{name}-2" / "result.json").read_text())
+    assert len(result["rank_weights"]) == 2 and len(set(result["rank_weights"])) == 1  # ranks agree exactly
+    assert_close(weights(runs / f"{name}-2"), weights(runs / f"{name}-1"), TOLERANCE)
+    two_history = json.loads((runs / f"{name}-2" / "history.json").read_text())
+    one_history = json.loads((runs / f"{name}-1" / "history.json").read_text())
+    for multi, single in zip(two_history, one_history, strict=True):
+        assert multi["train_loss"] == pytest.approx(single["train_loss"], abs=1e-5)
+        assert multi["val_mean_dsc"] == pytest.approx(single["val_mean_dsc"], abs=1e-3)
+    written = sorted(p.relative_to(runs / f"{name}-2").as_posix() for p in (runs / f"{name}-2").rglob("*"))
+    assert len([p for p in written if "tfevents" in p]) == 1  # one TensorBoard writer
+    assert not [p for p in written if p.endswith(".tmp")]
+    _, args, network = load_run(runs / f"{name}-2", torch.device("cpu"))  # loads in a single process
+    assert args["world_size"] == 2 and network.training is False
+
+
+def test_a_two_process_run_resumes_with_two_processes_to_the_uninterrupted_result(tmp_path, data):
+    options = {"model": "res_unet", "model_options": {"norm": "instance"}}
+    whole = settings_file(tmp_path, data, run_name="whole", **options)
+    halves = settings_file(tmp_path, data, run_name="halves", **options)
+    launch(whole, 2)
+    launch(halves, 2, "--set", "epochs=1")
+    finished = launch(halves, 2)
+    assert "Resuming" in finished.stdout
+    assert_close(weights(tmp_path / "runs" / "halves"), weights(tmp_path / "runs" / "whole"), 0.0)
+    refused = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config", str(halves), "--set", "epochs=3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert refused.returncode != 0 and "resume it with as many (now 1)" in refused.stderr
+
+
+def test_killing_one_rank_ends_the_run_with_a_message_and_keeps_the_last_checkpoint(tmp_path, data):
+    config = settings_file(tmp_path, data, run_name="killed", model="res_unet", epochs=500)
+    run = launch(config, 2, wait=False)
+    checkpoint = tmp_path / "runs" / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert checkpoint.exists()
+    children = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2
+    os.kill(int(children[-1]), signal.SIGKILL)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode != 0
+    message = stderr.decode()
+    assert "another process of the run failed" in message or "exitcode  : -9" in message, message[-2000:]
+    state = read_checkpoint(checkpoint)
+    assert 1 <= len(state["history"]) < 500
+    load_run(tmp_path / "runs" / "killed", torch.device("cpu"))
