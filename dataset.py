@@ -285,7 +285,11 @@ def preprocess_patient(
     volume = np.pad(volume, ((0, 0), rows, cols, (0, 0)))
     mask = None if mask is None else np.pad(mask, ((0, 0), rows, cols))
     volume, mask = resize_slices(volume, mask, image_size)
-    return normalize_channels(volume), mask, {"box": [top, bottom, left, right], "padding": [list(rows), list(cols)]}
+    return (
+        normalize_channels(volume),
+        mask,
+        {"box": [top, bottom, left, right], "padding": [list(rows), list(cols)]},
+    )
 
 
 # ---- cases: metadata in memory, voxels in the cache ------------------------------------------------------

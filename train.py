@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine import train  # after the settings are known good: importing the engine takes seconds
 
     try:
-        summary = train(config)
+        train(config)
     except Exception as error:
         print(
             f"rank {os.environ.get('RANK', '0')}: {type(error).__name__}: {error}",

@@ -69,7 +69,9 @@ def test_a_missing_data_folder_is_refused_with_a_clear_message(tmp_path, capsys)
     assert "is not the MSD hippocampus folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("legacy", "marker"), [("hippocampus", "results table"), ("brain", "brain results table")])
+@pytest.mark.parametrize(
+    ("legacy", "marker"), [("hippocampus", "results table"), ("brain", "brain results table")]
+)
 def test_the_reports_tables_of_earlier_attempts_are_their_frozen_results(legacy, marker):
     report = (REPO / "report.md").read_text()
     match = re.search(f"<!-- {marker} -->\n(.*?)\n<!-- end {marker} -->", report, re.S)

@@ -22,12 +22,16 @@ def load(data: Path, cache_dir: Path, workers: int = 1):
     return cases
 
 
-def test_a_cached_case_is_memory_mapped_and_a_patch_equals_the_same_box_of_the_loaded_array(decathlon, tmp_path):
+def test_a_cached_case_is_memory_mapped_and_a_patch_equals_the_same_box_of_the_loaded_array(
+    decathlon, tmp_path
+):
     (case, *_) = load(decathlon, tmp_path / "cache")
     assert isinstance(case.image, np.memmap) and isinstance(case.label, np.memmap)
     in_memory = np.array(case.image)
     start, size = (3, -2, 5), (8, 16, 12)
-    np.testing.assert_array_equal(extract_patch(case.image, start, size), extract_patch(in_memory, start, size))
+    np.testing.assert_array_equal(
+        extract_patch(case.image, start, size), extract_patch(in_memory, start, size)
+    )
 
 
 def test_a_patch_reads_only_its_box_from_disk(decathlon, tmp_path, monkeypatch):

@@ -7,7 +7,6 @@ import pytest
 import tifffile
 import torch
 
-import cache
 import dataset
 from dataset import (
     Case,
@@ -121,7 +120,10 @@ def test_preprocessing_crops_pads_resizes_and_normalises(tmp_path):
     mask = np.zeros((6, 40, 50), np.uint8)
     mask[2:4, 10:20, 15:25] = 1
     image, label, placement = preprocess_patient(volume, mask, image_size=24)
-    assert placement == {"box": [5, 35, 10, 30], "padding": [[0, 0], [5, 5]]}  # 30 x 20 head, padded to 30 x 30
+    assert placement == {
+        "box": [5, 35, 10, 30],
+        "padding": [[0, 0], [5, 5]],
+    }  # 30 x 20 head, padded to 30 x 30
     assert image.shape == (3, 6, 24, 24) and image.dtype == np.float32
     assert label.shape == (6, 24, 24) and set(np.unique(label)) == {0, 1}
     np.testing.assert_allclose(image.mean(axis=(1, 2, 3)), 0, atol=1e-4)
@@ -309,15 +311,21 @@ def test_slices_can_be_taken_along_any_axis_and_padded_to_one_size():
 
 def test_a_slice_name_that_does_not_parse_is_named(tmp_path):
     folder = write_patient(tmp_path, "TCGA_CS_0010_20000101", slices=3)
-    (folder / "TCGA_CS_0010_20000101_3 (copy).tif").write_bytes((folder / "TCGA_CS_0010_20000101_3.tif").read_bytes())
+    (folder / "TCGA_CS_0010_20000101_3 (copy).tif").write_bytes(
+        (folder / "TCGA_CS_0010_20000101_3.tif").read_bytes()
+    )
     with pytest.raises(ValueError, match=r"_3 \(copy\)\.tif: the slice name does not parse"):
         read_patient(folder)
 
 
 def test_two_files_for_one_slice_number_are_named(tmp_path):
     folder = write_patient(tmp_path, "TCGA_CS_0011_20000101", slices=3)
-    (folder / "TCGA_CS_0011_20000101_03.tif").write_bytes((folder / "TCGA_CS_0011_20000101_3.tif").read_bytes())
-    with pytest.raises(ValueError, match=r"_03\.tif and .*_3\.tif are both slice 3|_3\.tif and .*_03\.tif are both"):
+    (folder / "TCGA_CS_0011_20000101_03.tif").write_bytes(
+        (folder / "TCGA_CS_0011_20000101_3.tif").read_bytes()
+    )
+    with pytest.raises(
+        ValueError, match=r"_03\.tif and .*_3\.tif are both slice 3|_3\.tif and .*_03\.tif are both"
+    ):
         read_patient(folder)
 
 

@@ -72,11 +72,15 @@ def test_a_3d_unet_trains_on_patches_and_writes_nifti_predictions_on_the_source_
     assert args["shapes"]["patch_size"] == expected  # from the training cases only, rounded up to 16
     assert args["plan"]["spacing"] == [1.0, 1.0, 1.0]  # the training cases' median spacing
     assert args["class_names"] == {"1": "Anterior", "2": "Posterior"}
-    assert sorted(args["case_ids"]) == sorted(p.name[:-7] for p in (hippocampus / "labelsTr").glob("*.nii.gz"))
+    assert sorted(args["case_ids"]) == sorted(
+        p.name[:-7] for p in (hippocampus / "labelsTr").glob("*.nii.gz")
+    )
     assert 0.0 <= result["best_val_mean_dsc"] <= 1.0
     output = evaluate(config.run_dir)["output_dir"]
     rows = read_metrics_csv(output / "dsc.csv")
-    assert {"dsc_Anterior", "dsc_Posterior", "hd95_Anterior", "dsc_mean_pp", "missed_Anterior"} <= set(rows[0])
+    assert {"dsc_Anterior", "dsc_Posterior", "hd95_Anterior", "dsc_mean_pp", "missed_Anterior"} <= set(
+        rows[0]
+    )
     assert {row["hd95_unit"] for row in rows} == {"mm"}
     for row in rows:
         predicted, geometry = read_volume(output / "labels" / f"{row['case']}.nii.gz")
@@ -129,7 +133,9 @@ def resampled_decathlon(root: Path, direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
         geometry = Geometry(spacing=(2.0, 2.0, 2.0), origin=(10.0, -5.0, 3.0 + number), direction=direction)
         write_scan(root / "imagesTr" / f"case_{number}.nii.gz", image, geometry)
         write_scan(root / "labelsTr" / f"case_{number}.nii.gz", label, geometry)
-        training.append({"image": f"./imagesTr/case_{number}.nii.gz", "label": f"./labelsTr/case_{number}.nii.gz"})
+        training.append(
+            {"image": f"./imagesTr/case_{number}.nii.gz", "label": f"./labelsTr/case_{number}.nii.gz"}
+        )
     description = {"labels": {"0": "background", "1": "box", "2": "ball"}, "modality": {"0": "MRI"}}
     (root / "dataset.json").write_text(json.dumps({**description, "training": training}))
     return root
@@ -148,7 +154,9 @@ def test_a_prediction_equal_to_the_truth_scores_1_after_the_round_trip_through_t
 def test_evaluation_writes_labels_with_the_source_scans_size_spacing_origin_and_direction(tmp_path):
     flipped = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
     data = resampled_decathlon(tmp_path / "msd", direction=flipped)
-    config = tiny(tmp_path, dataset="msd", data_dir=str(data), model="unet3d", spacing=1.0, patch_size=[16, 16, 16])
+    config = tiny(
+        tmp_path, dataset="msd", data_dir=str(data), model="unet3d", spacing=1.0, patch_size=[16, 16, 16]
+    )
     train(config)
     output = evaluate(config.run_dir, subsets=["validation", "test"])
     for row in output["rows"]:
@@ -166,7 +174,9 @@ def test_predicting_a_folder_covers_every_slice_whatever_edge_slices_training_us
         slices = [p for p in patient.glob("*.tif") if not p.name.endswith("_mask.tif")]
         pngs = list((output["output_dir"] / "predictions").glob(f"{patient.name}-*.png"))
         assert len(pngs) == len(slices)
-        assert Image.open(output["output_dir"] / "predictions" / f"{patient.name}.gif").n_frames == len(slices)
+        assert Image.open(output["output_dir"] / "predictions" / f"{patient.name}.gif").n_frames == len(
+            slices
+        )
     assert len(output["rows"]) == 4
 
 
@@ -238,7 +248,9 @@ def test_a_finished_run_is_not_trained_again_unless_asked_to_continue(tmp_path, 
     assert len(train(config)["history"]) == 2
 
 
-def test_starting_over_removes_the_old_state_before_anything_new_is_written(tmp_path, hippocampus, monkeypatch):
+def test_starting_over_removes_the_old_state_before_anything_new_is_written(
+    tmp_path, hippocampus, monkeypatch
+):
     config = tiny(tmp_path, dataset="msd", data_dir=str(hippocampus), model="unet", epochs=1)
     train(config)
     (config.run_dir / "inference").mkdir()
@@ -292,7 +304,9 @@ def test_a_data_folder_that_gained_a_case_is_refused_on_resume(tmp_path):
     description["training"].append({"image": "./imagesTr/case_9.nii.gz", "label": "./labelsTr/case_9.nii.gz"})
     (data / "dataset.json").write_text(json.dumps(description))
     config.epochs = 2
-    with pytest.raises(ValueError, match=r"no longer holds the cases .* \(new: \['case_9'\], missing: \[\]\)"):
+    with pytest.raises(
+        ValueError, match=r"no longer holds the cases .* \(new: \['case_9'\], missing: \[\]\)"
+    ):
         train(config)
 
 
@@ -352,7 +366,13 @@ def test_an_ensemble_averages_probabilities_not_logits():
 
 
 def test_evaluate_predicts_with_the_ensemble_of_several_runs(tmp_path, hippocampus):
-    settings = {"dataset": "msd", "data_dir": str(hippocampus), "model": "unet", "loss": "dice_ce", "split_seed": 0}
+    settings = {
+        "dataset": "msd",
+        "data_dir": str(hippocampus),
+        "model": "unet",
+        "loss": "dice_ce",
+        "split_seed": 0,
+    }
     first = tiny(tmp_path, run_name="first", seed=1, **settings)
     second = tiny(tmp_path, run_name="second", seed=2, **settings)
     train(first)
@@ -375,7 +395,9 @@ def test_evaluate_predicts_with_the_ensemble_of_several_runs(tmp_path, hippocamp
     assert not np.array_equal(probabilities[0].argmax(0).numpy(), probabilities[1].argmax(0).numpy())
 
 
-@pytest.mark.parametrize(("setting", "value", "differ"), [("split_seed", 5, "split"), ("spacing", 1.5, "plan")])
+@pytest.mark.parametrize(
+    ("setting", "value", "differ"), [("split_seed", 5, "split"), ("spacing", 1.5, "plan")]
+)
 def test_an_ensemble_of_runs_with_another_split_or_preprocessing_is_refused(
     tmp_path, hippocampus, setting, value, differ
 ):
@@ -391,7 +413,10 @@ def test_an_ensemble_of_runs_with_another_split_or_preprocessing_is_refused(
 def test_the_post_processing_is_the_best_on_validation_and_ties_keep_the_simpler():
     scores = {"none": 0.80, "largest": 0.60, "large": 0.81}
     assert choose_postprocessing({"val_dsc_postprocessed": scores}) == "large"
-    assert choose_postprocessing({"val_dsc_postprocessed": {"none": 0.8, "largest": 0.8, "large": 0.8}}) == "none"
+    assert (
+        choose_postprocessing({"val_dsc_postprocessed": {"none": 0.8, "largest": 0.8, "large": 0.8}})
+        == "none"
+    )
 
 
 def test_prepared_cases_know_their_sources_again(tmp_path, hippocampus):
