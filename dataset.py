@@ -566,7 +566,8 @@ def _build_luna(source: LunaCase, plan: dict) -> tuple[dict, dict]:
     ct, mask, geometry = read_luna_case(source)
     target = plan["spacing"]
     image = resample(window_ct(ct, *plan["hu_window"]), geometry.spacing, target, order=1)
-    label = resample(lung_target(mask, plan["lung_labels"]), geometry.spacing, target, order=0)
+    lungs = lung_target(mask, plan["lung_labels"], source.mask_path)
+    label = resample(lungs, geometry.spacing, target, order=0)
     meta = {
         "spacing": list(resampled_geometry(geometry, ct.shape, target).spacing),
         "slice_names": [],
@@ -795,7 +796,7 @@ def read_source(case: Case, plan: dict, info: DatasetInfo) -> SourceCase:
         return SourceCase(image, label, None, None, present, names)
     if isinstance(source, LunaCase):
         ct, mask, geometry = read_luna_case(source)
-        label = lung_target(mask, plan["lung_labels"])
+        label = lung_target(mask, plan["lung_labels"], source.mask_path)
         image = ct.astype(np.float32)
     else:
         allowed = [0, *info.class_names]

@@ -3,7 +3,9 @@
 Three public layouts are found and read here: LUNA16 (MetaImage `.mhd` CT scans with `seg-lungs-LUNA16`
 lung masks), the Medical Segmentation Decathlon (NIfTI listed by `dataset.json`, also the nnU-Net
 `_0000`, `_0001` channel files) and LiTS (`volume-N.nii` with `segmentation-N.nii`). Everything is a
-function on paths and numpy arrays; nothing is written except by `write_volume`.
+function on paths and numpy arrays; nothing is written except by `write_volume`. Files are checked
+where SimpleITK would read them wrong without a word (truncated .raw/.zraw/.nii/.nii.gz data, NaN or
+infinite voxels, which its NIfTI reader turns into 0): a ValueError names the file instead.
 
 Axis orders, the one thing to keep straight:
 - arrays are (z, y, x) = (D, H, W), as SimpleITK's GetArrayFromImage gives them; multi-channel volumes
@@ -15,19 +17,22 @@ Axis orders, the one thing to keep straight:
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from numpy.typing import ArrayLike
 from scipy import ndimage
 
 VOLUME_SUFFIXES = (".mhd", ".nii.gz", ".nii")
@@ -66,6 +71,17 @@ METAIMAGE_ELEMENT_BYTES = {
     "MET_ULONG_LONG": 8,
 }
 _DECOMPRESS_CHUNK = 1 << 24
+_FINITE_CHECK_BLOCK = 1 << 22
+GZIP_MAGIC = b"\x1f\x8b"
+NIFTI1_HEADER_BYTES, NIFTI2_HEADER_BYTES = 348, 540
+
+
+def _point_array(points: ArrayLike, name: str) -> np.ndarray:
+    """Points as float64 (..., 3); ValueError when the last axis does not hold 3 coordinates."""
+    array = np.asarray(points, dtype=np.float64)
+    if array.ndim == 0 or array.shape[-1] != 3:
+        raise ValueError(f"{name} must have 3 coordinates on its last axis, got shape {array.shape}")
+    return array
 
 
 @dataclass(frozen=True)
@@ -100,6 +116,28 @@ class Geometry:
     def voxel_volume(self) -> float:
         """Volume of one voxel in mm^3."""
         return math.prod(self.spacing)
+
+    def _direction_matrix(self) -> np.ndarray:
+        return np.array(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def index_to_world(self, index_zyx: ArrayLike) -> np.ndarray:
+        """World points (..., 3), (x, y, z) mm, of continuous voxel indices (..., 3) in ARRAY order (z, y, x).
+
+        world = origin + direction @ (index_xyz * spacing_xyz), as ITK's
+        TransformContinuousIndexToPhysicalPoint; integer indices are voxel centres.
+        """
+        index = _point_array(index_zyx, "index_zyx")
+        scaled_xyz = index[..., ::-1] * np.array(self.spacing[::-1])
+        return np.array(self.origin) + scaled_xyz @ self._direction_matrix().T
+
+    def world_to_index(self, world_xyz: ArrayLike) -> np.ndarray:
+        """Continuous voxel indices (..., 3) in ARRAY order (z, y, x) of world points (..., 3) (x, y, z) mm.
+
+        The exact inverse of index_to_world (ITK's TransformPhysicalPointToContinuousIndex, axes reversed).
+        """
+        offset = _point_array(world_xyz, "world_xyz") - np.array(self.origin)
+        scaled_xyz = offset @ np.linalg.inv(self._direction_matrix()).T
+        return (scaled_xyz / np.array(self.spacing[::-1]))[..., ::-1]
 
     @classmethod
     def from_itk(cls, image: sitk.Image) -> Geometry:
@@ -213,6 +251,122 @@ def _check_zlib_stream(data_file: Path, expected: int) -> None:
         )
 
 
+# Where a single-file NIfTI header keeps what the data size needs: (header size, magic offset, magic,
+# struct format and offset of dim[0..7], of datatype, of bitpix and of vox_offset).
+NIFTI_LAYOUTS = (
+    (NIFTI1_HEADER_BYTES, 344, b"n+1", ("8h", 40), ("h", 70), ("h", 72), ("f", 108)),
+    (NIFTI2_HEADER_BYTES, 4, b"n+2", ("8q", 16), ("h", 12), ("h", 14), ("q", 168)),
+)
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64 voxels
+
+
+@dataclass(frozen=True)
+class _NiftiLayout:
+    """Where a single-file NIfTI keeps its voxels, from its header."""
+
+    vox_offset: int
+    data_bytes: int
+    float_dtype: np.dtype | None  # the voxels' dtype when they can be NaN or infinite
+
+    @property
+    def total_bytes(self) -> int:
+        return self.vox_offset + self.data_bytes
+
+
+def _nifti_layout(header: bytes) -> _NiftiLayout | None:
+    """The voxel layout of a single-file NIfTI-1/2 header in either byte order.
+
+    None when the header is not one (a .hdr/.img pair, Analyze, garbage): left to SimpleITK.
+    """
+    for size, magic_at, magic, dim, datatype, bitpix, offset in NIFTI_LAYOUTS:
+        if len(header) < size or header[magic_at : magic_at + 3] != magic:
+            continue
+        for order in "<>":
+            if struct.unpack_from(f"{order}i", header)[0] != size:
+                continue
+            dims = struct.unpack_from(order + dim[0], header, dim[1])
+            code = struct.unpack_from(order + datatype[0], header, datatype[1])[0]
+            bits = struct.unpack_from(order + bitpix[0], header, bitpix[1])[0]
+            vox_offset = struct.unpack_from(order + offset[0], header, offset[1])[0]
+            rank = dims[0]
+            if not 1 <= rank <= 7 or min(dims[1 : rank + 1]) < 1 or bits < 1 or not vox_offset >= 0:
+                return None
+            float_dtype = np.dtype(order + NIFTI_FLOAT_TYPES[code]) if code in NIFTI_FLOAT_TYPES else None
+            data_bytes = math.ceil(math.prod(dims[1 : rank + 1]) * bits / 8)
+            return _NiftiLayout(int(vox_offset), data_bytes, float_dtype)
+    return None
+
+
+class _NonFiniteCounter:
+    """Counts the NaN and infinite voxels of a NIfTI byte stream fed block by block."""
+
+    def __init__(self, layout: _NiftiLayout) -> None:
+        self.layout, self.position, self.carry, self.count = layout, 0, b"", 0
+
+    def feed(self, block: bytes) -> None:
+        start, self.position = self.position, self.position + len(block)
+        low = max(self.layout.vox_offset - start, 0)
+        high = min(self.layout.total_bytes - start, len(block))
+        if high <= low:
+            return
+        data = self.carry + block[low:high]
+        usable = len(data) - len(data) % self.layout.float_dtype.itemsize
+        values = np.frombuffer(
+            data, dtype=self.layout.float_dtype, count=usable // self.layout.float_dtype.itemsize
+        )
+        self.count += int(values.size - np.count_nonzero(np.isfinite(values)))
+        self.carry = data[usable:]
+
+
+def _scan_nifti(path: Path, compressed: bool) -> tuple[int, _NiftiLayout | None, int]:
+    """(bytes available, layout, NaN or infinite voxel count) of a NIfTI file, streamed in blocks.
+
+    An uncompressed file whose voxels cannot be NaN is not read past its header. The gzip module
+    checks the end-of-stream marker and the CRC, so an incomplete or damaged stream is a ValueError.
+    """
+    available, layout, counter = 0, None, None
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as stream:
+            while block := stream.read(_DECOMPRESS_CHUNK):
+                if available == 0:
+                    layout = _nifti_layout(block[:NIFTI2_HEADER_BYTES])
+                    can_be_nan = layout is not None and layout.float_dtype is not None
+                    if not compressed and not can_be_nan:
+                        return path.stat().st_size, layout, 0
+                    counter = _NonFiniteCounter(layout) if can_be_nan else None
+                if counter is not None:
+                    counter.feed(block)
+                available += len(block)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise ValueError(f"{path} is truncated or corrupt (gzip: {error})") from error
+    return available, layout, 0 if counter is None else counter.count
+
+
+def _check_nifti_data(path: Path) -> None:
+    """Check that a .nii or .nii.gz holds all the voxels its header announces, and no NaN or infinite one.
+
+    SimpleITK fills the missing part of a truncated .nii.gz with zeros without a word, and reads NaN
+    and infinite voxels as 0, so the file is streamed (decompressed) first: its length is compared
+    with the header's dimensions and float voxels are checked.
+    """
+    with open(path, "rb") as stream:
+        compressed = stream.read(2) == GZIP_MAGIC
+    available, layout, non_finite = _scan_nifti(path, compressed)
+    if layout is None:
+        return
+    if available < layout.total_bytes:
+        holds = "decompresses to" if compressed else "holds"
+        raise ValueError(
+            f"{path} is truncated: it {holds} {available} bytes, but its NIfTI header announces "
+            f"{layout.total_bytes} (header and voxel data)"
+        )
+    if non_finite:
+        raise ValueError(
+            f"{path}: {non_finite} of {layout.data_bytes // layout.float_dtype.itemsize} voxels are NaN or "
+            "infinite; expected finite intensities (SimpleITK would silently read them as 0)"
+        )
+
+
 def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read a .mhd (+ .raw or zlib .zraw), .nii or .nii.gz volume: (array, Geometry).
 
@@ -227,6 +381,8 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
         raise FileNotFoundError(f"volume file {path} does not exist")
     if suffix == ".mhd":
         _check_metaimage_data(path)
+    else:
+        _check_nifti_data(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -247,9 +403,36 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
     return np.ascontiguousarray(array), Geometry.from_itk(image)
 
 
+def _count_non_finite(array: np.ndarray) -> int:
+    """Number of NaN or infinite values, counted block by block so the check needs little memory."""
+    if not np.issubdtype(array.dtype, np.inexact):
+        return 0
+    flat = np.ravel(array)
+    return sum(
+        int(block.size - np.count_nonzero(np.isfinite(block)))
+        for block in (
+            flat[start : start + _FINITE_CHECK_BLOCK] for start in range(0, flat.size, _FINITE_CHECK_BLOCK)
+        )
+    )
+
+
+def check_finite(array: np.ndarray, source: str | Path) -> None:
+    """ValueError naming `source` and the count when an image has NaN or infinite voxels (ints never do)."""
+    bad = _count_non_finite(array)
+    if bad:
+        raise ValueError(
+            f"{source}: {bad} of {array.size} voxels are NaN or infinite; expected finite intensities "
+            "(a broken export or conversion?)"
+        )
+
+
 def load_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """An image file as float32 (C, D, H, W) whatever its stored dtype (uint8, int16, float32...)."""
+    """An image file as float32 (C, D, H, W) whatever its stored dtype (uint8, int16, float32...).
+
+    NaN or infinite voxels are a ValueError naming the file: they would silently poison training.
+    """
     array, geometry = read_volume(path)
+    check_finite(array, path)
     if array.ndim == 3:
         array = array[None]
     return array.astype(np.float32, copy=False), geometry
@@ -258,7 +441,8 @@ def load_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
 def read_channels(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
     """Stack single-channel files (nnU-Net `_0000`, `_0001`...) into float32 (C, D, H, W).
 
-    Every file must be 3D and share the first file's geometry (size, spacing, origin, direction).
+    Every file must be 3D, finite (no NaN or infinite voxel) and share the first file's geometry (size,
+    spacing, origin, direction).
     """
     if not paths:
         raise ValueError("read_channels needs at least one file")
@@ -267,6 +451,7 @@ def read_channels(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
         array, geometry = read_volume(path)
         if array.ndim != 3:
             raise ValueError(f"{path}: a channel file must be a 3D volume, got shape {array.shape}")
+        check_finite(array, path)
         if first_geometry is None:
             first_geometry = geometry
         else:
@@ -519,9 +704,11 @@ def find_luna_cases(root: str | Path) -> list[LunaCase]:
 def read_luna_case(case: LunaCase) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """(CT in HU as stored (int16), mask as stored (labels 0, 3, 4, 5), Geometry), both (D, H, W).
 
-    The CT and the mask must share size, spacing, origin and direction (ValueError naming both).
+    The CT and the mask must share size, spacing, origin and direction (ValueError naming both); a CT
+    with NaN or infinite voxels is a ValueError naming it.
     """
     ct, ct_geometry = read_volume(case.ct_path)
+    check_finite(ct, case.ct_path)
     mask, mask_geometry = read_volume(case.mask_path)
     for path, array in ((case.ct_path, ct), (case.mask_path, mask)):
         if array.ndim != 3:
@@ -532,13 +719,26 @@ def read_luna_case(case: LunaCase) -> tuple[np.ndarray, np.ndarray, Geometry]:
     return ct, mask, ct_geometry
 
 
-def lung_target(mask: np.ndarray, labels: Iterable[int] = LUNA_LUNG_LABELS) -> np.ndarray:
+def lung_target(
+    mask: np.ndarray, labels: Iterable[int] = LUNA_LUNG_LABELS, source: str | Path | None = None
+) -> np.ndarray:
     """Binary lung target, uint8 0/1: 1 where the LUNA16 mask has one of `labels`.
 
     The default maps 3 and 4 (the two lungs) to 1 and everything else, the trachea/airways (5)
-    included, to 0; pass labels=(3, 4, 5) to segment the airways with the lungs.
+    included, to 0; pass labels=(3, 4, 5) to segment the airways with the lungs. A mask with no voxel
+    of `labels` (masks labelled otherwise) is a ValueError naming `source` (the mask file), the labels
+    asked for and those present, rather than an empty target that trains a network on nothing.
     """
-    return np.isin(mask, tuple(labels)).astype(np.uint8)
+    labels = tuple(int(label) for label in labels)
+    target = np.isin(mask, labels)
+    if not target.any():
+        present = [int(value) for value in np.unique(mask)]
+        where = f"{source}: the" if source is not None else "The"
+        raise ValueError(
+            f"{where} lung mask has no voxel labelled {list(labels)} (the lung_labels asked for); "
+            f"the labels present are {present}"
+        )
+    return target.astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -548,6 +748,8 @@ class NiftiCase:
     case_id: str
     image_paths: tuple[Path, ...]
     label_path: Path | None
+    # Channels dataset.json declares ('modality'); None: not checked. Not part of a case's identity.
+    expected_channels: int | None = field(default=None, compare=False)
 
 
 def _strip_nifti_suffix(name: str) -> str:
@@ -649,7 +851,7 @@ def _unlisted_test_cases(root: Path, n_channels: int) -> list[NiftiCase]:
             raise ValueError(
                 f"{folder}: case {case_id} has {len(files)} channel files, expected {n_channels}"
             )
-    return [NiftiCase(case_id, tuple(files), None) for case_id, files in groups.items()]
+    return [NiftiCase(case_id, tuple(files), None, n_channels) for case_id, files in groups.items()]
 
 
 def find_decathlon_cases(root: str | Path) -> list[NiftiCase]:
@@ -681,7 +883,7 @@ def find_decathlon_cases(root: str | Path) -> list[NiftiCase]:
             missing.append(str(image))
         if not label.is_file():
             missing.append(str(label))
-        cases.append(NiftiCase(_strip_nifti_suffix(image.name), files or (image,), label))
+        cases.append(NiftiCase(_strip_nifti_suffix(image.name), files or (image,), label, n_channels))
     test = description.get("test")
     if test is None:
         cases += _unlisted_test_cases(root, n_channels)
@@ -692,7 +894,7 @@ def find_decathlon_cases(root: str | Path) -> list[NiftiCase]:
             files = _image_files(image, n_channels)
             if files is None:
                 missing.append(str(image))
-            cases.append(NiftiCase(_strip_nifti_suffix(image.name), files or (image,), None))
+            cases.append(NiftiCase(_strip_nifti_suffix(image.name), files or (image,), None, n_channels))
     else:
         raise ValueError(f"{json_path}: 'test' must be a list of image paths, got {type(test).__name__}")
     if missing:
@@ -770,12 +972,19 @@ def read_nifti_case(
     """(image float32 (C, D, H, W), label uint8 (D, H, W) or None, Geometry) of a NIfTI case.
 
     Channel files must share their geometry, and the label must match the image's (ValueError naming
-    both files); label values are checked against allowed_labels as in load_label.
+    both files); label values are checked against allowed_labels as in load_label. A case found in a
+    Decathlon folder must have the number of channels its dataset.json declares (ValueError naming the
+    file and both counts), and no image may hold NaN or infinite voxels.
     """
     if len(case.image_paths) == 1:
         image, geometry = load_image(case.image_paths[0])
     else:
         image, geometry = read_channels(case.image_paths)
+    if case.expected_channels is not None and image.shape[0] != case.expected_channels:
+        raise ValueError(
+            f"{case.image_paths[0]}: the image has {image.shape[0]} channel(s) (shape {image.shape}), but "
+            f"dataset.json declares {case.expected_channels} in 'modality'"
+        )
     if case.label_path is None:
         return image, None, geometry
     label, label_geometry = read_volume(case.label_path)

@@ -103,7 +103,8 @@ def test_unlabelled_decathlon_cases_get_predictions_but_no_metrics(tmp_path, hip
 
 
 def test_a_2d_unet_trains_on_lung_ct_slices_and_writes_mhd_predictions(tmp_path, luna):
-    config = tiny(tmp_path, dataset="luna", data_dir=str(luna), model="unet", slice_axis=0, epochs=2)
+    # a chest of real size in mm, trained on coarse voxels for speed
+    config = tiny(tmp_path, dataset="luna", data_dir=str(luna), model="unet", spacing=8.0, epochs=2)
     result = train(config)
     assert len(result["history"]) == 2
     output = evaluate(config.run_dir, subsets=["validation"])["output_dir"]

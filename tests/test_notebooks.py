@@ -146,6 +146,7 @@ def test_both_notebooks_run_on_tiny_volumetric_sets(tmp_path, dataset, model, ma
         "epochs": 1,
         "patches_per_epoch": 8,
         "batch_size": 2,
+        **({"spacing": 8.0} if dataset == "luna" else {}),  # a real-size chest, trained coarse for speed
     }
     run_notebook("train.ipynb", tmp_path / "train.ipynb", **settings)
     run_dir = tmp_path / "runs" / f"tiny-{dataset}"

@@ -1,4 +1,4 @@
-"""Tests of the synthetic kaggle_3m generator: layout, formats, determinism, tumour placement, safety."""
+"""Tests of the synthetic generators (kaggle_3m, LUNA16, Decathlon, LiTS): layout, anatomy, determinism."""
 
 import csv
 import json
@@ -11,8 +11,17 @@ import tifffile
 from scipy import ndimage
 
 import synthetic
-from synthetic import make_decathlon, make_kaggle_3m, make_luna
-from volumes import find_decathlon_cases, find_luna_cases, read_luna_case, read_nifti_case, read_volume
+from synthetic import make_decathlon, make_kaggle_3m, make_lits, make_luna
+from volumes import (
+    Geometry,
+    find_decathlon_cases,
+    find_luna_cases,
+    find_nifti_cases,
+    read_dataset_info,
+    read_luna_case,
+    read_nifti_case,
+    read_volume,
+)
 
 PATIENT_FOLDER = re.compile(r"^TCGA_[A-Z0-9]{2}_\d{4}_(19|20)\d{2}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])$")
 N_PATIENTS, SLICES, SIZE = 4, (12, 14), 64
@@ -238,70 +247,214 @@ def test_demo_data_is_generated_only_for_the_demo_folder(tmp_path, monkeypatch):
 # ---- LUNA16 stand-in --------------------------------------------------------------------------------------
 
 LUNA_UID = re.compile(r"^1\.3\.6\.1\.4\.1\.14519\.5\.2\.1\.6279\.6001\.[1-9]\d{29}$")
+LUNA_CASES, LUNA_SHAPE = 6, (120, 128, 128)
+FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 @pytest.fixture(scope="module")
 def luna(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_luna(tmp_path_factory.mktemp("data"), seed=1)
+    return make_luna(tmp_path_factory.mktemp("data"), n_cases=LUNA_CASES, seed=2)
+
+
+@pytest.fixture(scope="module")
+def luna_scans(luna: Path) -> dict[str, tuple[np.ndarray, np.ndarray, Geometry]]:
+    """Every scan of the luna fixture read once: {uid: (ct, mask, geometry)}."""
+    return {case.case_id: read_luna_case(case) for case in find_luna_cases(luna)}
 
 
 def mhd_fields(path: Path) -> dict[str, str]:
     return dict(line.split(" = ", 1) for line in path.read_text().splitlines())
 
 
-def test_luna_writes_ct_and_mask_pairs_in_the_luna16_layout(luna: Path) -> None:
+def anatomical(array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The array in the orientation of an identity-direction scan (y and x undone for diag(-1, -1, 1))."""
+    return array[:, ::-1, ::-1] if geometry.direction == FLIPPED else array
+
+
+def read_annotations(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as table:
+        return list(csv.DictReader(table))
+
+
+def annotated_voxel(row: dict[str, str], geometry: Geometry) -> tuple[int, int, int]:
+    world = [float(row[key]) for key in ("coordX", "coordY", "coordZ")]
+    return tuple(int(i) for i in np.rint(geometry.world_to_index(world)))
+
+
+def test_luna_writes_scans_masks_and_the_two_nodule_lists_in_the_luna16_layout(luna: Path) -> None:
     assert luna.name == "luna16"
-    assert sorted(path.name for path in luna.iterdir()) == ["seg-lungs-LUNA16", "subset0"]
+    assert sorted(path.name for path in luna.iterdir()) == [
+        "annotations.csv",
+        "annotations_excluded.csv",
+        "seg-lungs-LUNA16",
+        "subset0",
+    ]
     cts = sorted(path.name for path in (luna / "subset0").iterdir())
     masks = sorted(path.name for path in (luna / "seg-lungs-LUNA16").iterdir())
     uids = sorted(name[: -len(".mhd")] for name in cts if name.endswith(".mhd"))
-    assert len(uids) == 4 and all(LUNA_UID.match(uid) for uid in uids), uids
+    assert len(uids) == LUNA_CASES and all(LUNA_UID.match(uid) for uid in uids), uids
     assert cts == sorted([f"{uid}.mhd" for uid in uids] + [f"{uid}.raw" for uid in uids])
     assert masks == sorted([f"{uid}.mhd" for uid in uids] + [f"{uid}.zraw" for uid in uids])
     ct_header = mhd_fields(luna / "subset0" / f"{uids[0]}.mhd")
     mask_header = mhd_fields(luna / "seg-lungs-LUNA16" / f"{uids[0]}.mhd")
     assert ct_header["CompressedData"] == "False" and ct_header["ElementType"] == "MET_SHORT"
-    assert ct_header["ElementDataFile"] == f"{uids[0]}.raw" and ct_header["DimSize"] == "96 96 48"
+    assert ct_header["ElementDataFile"] == f"{uids[0]}.raw" and ct_header["DimSize"] == "128 128 120"
     assert mask_header["CompressedData"] == "True" and mask_header["ElementType"] == "MET_SHORT"
     assert [case.case_id for case in find_luna_cases(luna)] == uids
+    for name in ("annotations.csv", "annotations_excluded.csv"):
+        assert (luna / name).read_text().splitlines()[0] == "seriesuid,coordX,coordY,coordZ,diameter_mm"
 
 
-def test_luna_cases_have_the_requested_anisotropic_geometry_shared_by_ct_and_mask(luna: Path) -> None:
+def test_luna_scans_span_a_real_chest_field_of_view_and_every_third_is_flipped(luna_scans: dict) -> None:
     origins = set()
-    for case in find_luna_cases(luna):
-        ct, mask, geometry = read_luna_case(case)  # also checks that CT and mask share their geometry
-        assert ct.shape == mask.shape == (48, 96, 96)
+    for index, (ct, mask, geometry) in enumerate(luna_scans.values()):
+        assert ct.shape == mask.shape == LUNA_SHAPE
         assert ct.dtype == mask.dtype == np.int16
-        assert geometry.spacing == pytest.approx((2.5, 0.7, 0.7))
-        assert all(abs(value) > 1 for value in geometry.origin)
+        extent = np.array(LUNA_SHAPE) * np.array(geometry.spacing)
+        assert 290 <= extent[0] <= 310 and 340 <= extent[1] <= 360
+        assert geometry.spacing[1] == geometry.spacing[2]
+        assert geometry.direction == (FLIPPED if index % 3 == 1 else Geometry((1, 1, 1), (0, 0, 0)).direction)
         origins.add(geometry.origin)
-    assert len(origins) == 4
+    assert len(origins) == LUNA_CASES
 
 
-def test_luna_masks_hold_a_right_lung_a_left_lung_and_the_trachea_at_the_top(luna: Path) -> None:
-    for case in find_luna_cases(luna):
-        _, mask, _ = read_luna_case(case)
+def test_luna_lungs_hold_litres_of_air_in_a_body_of_real_size(luna_scans: dict) -> None:
+    for ct, mask, geometry in luna_scans.values():
+        lungs = (mask == 3) | (mask == 4)
+        assert 2.0 < np.count_nonzero(lungs) * geometry.voxel_volume / 1e6 < 8.0
+        body = ct[LUNA_SHAPE[0] // 2] > -500
+        rows, columns = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
+        width = (columns[-1] - columns[0] + 1) * geometry.spacing[2]
+        front_to_back = (rows[-1] - rows[0] + 1) * geometry.spacing[1]
+        assert 250 < width < 380 and 150 < front_to_back < 300
+
+
+def test_an_explicit_luna_spacing_is_kept(tmp_path: Path) -> None:
+    root = make_luna(tmp_path, n_cases=1, shape=(16, 48, 48), spacing=(2.5, 0.7, 0.7), seed=3)
+    (case,) = find_luna_cases(root)
+    assert read_luna_case(case)[2].spacing == pytest.approx((2.5, 0.7, 0.7))
+
+
+def test_luna_masks_hold_a_right_lung_a_left_lung_and_the_trachea_at_the_top(luna_scans: dict) -> None:
+    for _, mask, geometry in luna_scans.values():
         assert set(np.unique(mask)) == {0, 3, 4, 5}
-        right, left = np.argwhere(mask == 3), np.argwhere(mask == 4)
-        assert right[:, 2].max() < left[:, 2].min()  # x runs from the patient's right to left
-        assert 0.03 < (len(right) + len(left)) / mask.size < 0.3
+        right_x = geometry.index_to_world(np.argwhere(mask == 3))[:, 0]
+        left_x = geometry.index_to_world(np.argwhere(mask == 4))[:, 0]
+        assert right_x.max() < left_x.min()  # world x (LPS) runs from the patient's right to left
+        assert 0.03 < (len(right_x) + len(left_x)) / mask.size < 0.3
         assert (mask[-1] == 5).any() and not (mask[-1] == 3).any()  # only the trachea reaches the top
         assert ndimage.label(mask == 5)[1] == 1  # one airway tree, joined at the top
 
 
-def test_luna_ct_has_air_around_the_body_aerated_lungs_bright_bone_and_soft_tissue(luna: Path) -> None:
-    for case in find_luna_cases(luna):
-        ct, mask, _ = read_luna_case(case)
+def test_luna_ct_has_air_around_the_body_aerated_lungs_bright_bone_and_soft_tissue(luna_scans: dict) -> None:
+    for ct, mask, geometry in luna_scans.values():
         lungs = (mask == 3) | (mask == 4)
-        corner = ct[:, :4, 40:56]  # above the front of the chest, inside the scan circle
-        assert np.median(corner) == pytest.approx(-1000, abs=40)
+        front = anatomical(ct, geometry)[:, :4, 56:72]  # above the front of the chest, inside the scan circle
+        assert np.median(front) == pytest.approx(-1000, abs=40)
         assert -900 < np.median(ct[lungs]) < -780
         vessels = ct[lungs] > -500
-        assert 0.002 < vessels.mean() < 0.15  # some vessels, mostly air
+        assert 0.002 < vessels.mean() < 0.15  # some vessels and nodules, mostly air
         assert np.percentile(ct, 99.5) > 400  # ribs and spine
-        middle = ct[:, 40:56, 44:52]  # mediastinum, between the lungs
+        middle = anatomical(ct, geometry)[:, 54:74, 58:70]  # mediastinum, between the lungs
         assert -150 < np.median(middle) < 100
         assert ct.min() >= -3024 and ct.max() < 3072
+
+
+def test_luna_nodule_lists_name_real_scans_and_some_scans_have_no_nodule(luna: Path) -> None:
+    uids = [case.case_id for case in find_luna_cases(luna)]
+    annotations = read_annotations(luna / "annotations.csv")
+    excluded = read_annotations(luna / "annotations_excluded.csv")
+    per_scan = [sum(row["seriesuid"] == uid for row in annotations) for uid in uids]
+    assert 0 in per_scan and max(per_scan) >= 2 and max(per_scan) <= 4, per_scan
+    assert {row["seriesuid"] for row in annotations + excluded} <= set(uids)
+    assert all(3.0 <= float(row["diameter_mm"]) <= 30.0 for row in annotations)
+    assert excluded and all(row["diameter_mm"] == "-1" for row in excluded)  # unmeasured, as in LUNA16
+
+
+def test_every_listed_centre_lies_in_a_lung_and_every_nodule_on_a_voxel_denser_than_lung(
+    luna: Path, luna_scans: dict
+) -> None:
+    for name, denser_than in (("annotations.csv", -800), ("annotations_excluded.csv", None)):
+        for row in read_annotations(luna / name):
+            ct, mask, geometry = luna_scans[row["seriesuid"]]
+            voxel = annotated_voxel(row, geometry)
+            assert all(0 <= i < n for i, n in zip(voxel, ct.shape, strict=True)), (row, voxel)
+            assert mask[voxel] in (3, 4), row
+            if denser_than is not None:
+                assert np.median(ct[(mask == 3) | (mask == 4)]) < denser_than < ct[voxel], row
+
+
+def test_a_flipped_scan_needs_its_direction_for_its_annotations_to_land_on_its_nodules(
+    luna: Path, luna_scans: dict
+) -> None:
+    flipped_uid = [case.case_id for case in find_luna_cases(luna)][1]
+    ct, mask, geometry = luna_scans[flipped_uid]
+    assert geometry.direction == FLIPPED
+    rows = [row for row in read_annotations(luna / "annotations.csv") if row["seriesuid"] == flipped_uid]
+    assert rows
+    ignoring_direction = Geometry(geometry.spacing, geometry.origin)
+    for row in rows:
+        voxel = annotated_voxel(row, geometry)
+        assert mask[voxel] in (3, 4) and ct[voxel] > -800
+        naive = annotated_voxel(row, ignoring_direction)
+        assert naive[1] < 0 and naive[2] < 0  # off the array: the origin is the far corner
+
+
+def sphere_directions(count: int = 200) -> np.ndarray:
+    """Nearly uniform unit vectors (z, y, x) on a Fibonacci spiral."""
+    k = np.arange(count) + 0.5
+    polar, azimuth = np.arccos(1 - 2 * k / count), np.pi * (1 + 5**0.5) * k
+    return np.stack([np.cos(polar), np.sin(polar) * np.sin(azimuth), np.sin(polar) * np.cos(azimuth)], axis=1)
+
+
+def measured_diameter(ct: np.ndarray, lung_hu: float, centre: np.ndarray, diameter: float, spacing) -> float:
+    """Diameter (mm) of the object at centre (voxel index), from rays cast out of it.
+
+    On a lightly smoothed crop, each ray ends where the density falls below halfway between the lung
+    and the object's median density within 0.4 diameter (its halo for a part-solid nodule). Twice the
+    lower-quartile ray length ignores the rays that run into the chest wall or a touching vessel.
+    """
+    spacing = np.array(spacing)
+    reach = diameter / 2 + 3 * spacing.max()
+    low = np.maximum(np.floor(centre - reach / spacing).astype(int), 0)
+    high = np.minimum(np.ceil(centre + reach / spacing).astype(int) + 1, ct.shape)
+    crop = ndimage.gaussian_filter(ct[tuple(map(slice, low, high))].astype(np.float32), 0.7)
+    axes = [(np.arange(a, b) - c) * s for a, b, c, s in zip(low, high, centre, spacing, strict=True)]
+    distance = np.sqrt(sum(o**2 for o in np.meshgrid(*axes, indexing="ij")))
+    inner = crop[distance < 0.4 * diameter]
+    threshold = (lung_hu + np.median(inner if inner.size else crop)) / 2
+    steps = np.arange(0.0, reach, 0.2)
+    points = (centre - low)[:, None, None] + (sphere_directions().T / spacing[:, None])[:, :, None] * steps
+    profiles = ndimage.map_coordinates(crop, points.reshape(3, -1), order=1, mode="nearest")
+    below = profiles.reshape(points.shape[1:]) < threshold
+    lengths = np.where(below.any(axis=1), steps[np.argmax(below, axis=1)], reach)
+    return 2 * float(np.percentile(lengths, 25))
+
+
+def test_measured_diameter_helper_finds_the_diameter_of_a_drawn_ball() -> None:
+    spacing = (2.5, 2.7, 2.7)
+    grid = np.stack(np.meshgrid(*[np.arange(32) * s for s in spacing], indexing="ij"), axis=-1)
+    ball = np.linalg.norm(grid - 40.0, axis=-1) < 6.0
+    ct = np.where(ball, 40.0, -850.0)
+    centre = 40.0 / np.array(spacing)
+    assert measured_diameter(ct, -850.0, centre, 12.0, spacing) == pytest.approx(12.0, abs=2.0)
+
+
+def test_annotated_diameters_match_the_drawn_nodules_to_a_voxel_and_a_half(
+    luna: Path, luna_scans: dict
+) -> None:
+    errors, largest_voxel = [], 0.0
+    for row in read_annotations(luna / "annotations.csv"):
+        ct, mask, geometry = luna_scans[row["seriesuid"]]
+        world = [float(row[key]) for key in ("coordX", "coordY", "coordZ")]
+        lung_hu = float(np.median(ct[(mask == 3) | (mask == 4)]))
+        diameter = float(row["diameter_mm"])
+        found = measured_diameter(ct, lung_hu, geometry.world_to_index(world), diameter, geometry.spacing)
+        errors.append(found - diameter)
+        largest_voxel = max(largest_voxel, *geometry.spacing)
+    assert len(errors) >= 8
+    assert np.abs(errors).max() < 1.5 * largest_voxel, np.round(errors, 2)
+    assert abs(np.mean(errors)) < 0.5 * largest_voxel
 
 
 def test_luna_is_byte_identical_for_a_seed_and_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -309,7 +462,9 @@ def test_luna_is_byte_identical_for_a_seed_and_refuses_to_overwrite(tmp_path: Pa
     second = all_files(make_luna(tmp_path / "b", n_cases=2, shape=(20, 48, 48), seed=5))
     other = all_files(make_luna(tmp_path / "c", n_cases=2, shape=(20, 48, 48), seed=6))
     assert first == second
-    assert not set(first.values()) & set(other.values())
+    assert {"annotations.csv", "annotations_excluded.csv"} <= set(first)
+    scans = {name: data for name, data in first.items() if not name.endswith(".csv")}
+    assert not set(scans.values()) & set(other.values())
     with pytest.raises(FileExistsError, match="luna16"):
         make_luna(tmp_path / "a", n_cases=1, shape=(20, 48, 48))
     assert all_files(tmp_path / "a" / "luna16") == first
@@ -438,14 +593,128 @@ def test_bad_decathlon_arguments_raise_value_error_naming_the_argument(
     assert list(tmp_path.iterdir()) == []
 
 
+# ---- LiTS stand-in ----------------------------------------------------------------------------------------
+
+LITS_CASES, LITS_SIZE, LITS_SLICES = 3, 64, (12, 20)
+IN_PLANE_NEIGHBOURS = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)
+
+
+@pytest.fixture(scope="module")
+def lits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_lits(tmp_path_factory.mktemp("data"), LITS_CASES, seed=0, size=LITS_SIZE, slices=LITS_SLICES)
+
+
+@pytest.fixture(scope="module")
+def lits_cases(lits: Path) -> list[tuple[np.ndarray, np.ndarray, Geometry]]:
+    """(HU image (D, H, W), labels, geometry) of every case, read with the training reader."""
+    cases = []
+    for case in find_nifti_cases(lits):
+        image, labels, geometry = read_nifti_case(case, {0, 1, 2})
+        cases.append((image[0], labels, geometry))
+    return cases
+
+
+def test_lits_writes_uncompressed_volume_and_segmentation_pairs_that_the_reader_finds(lits: Path) -> None:
+    assert lits.name == "lits"
+    numbers = range(LITS_CASES)
+    assert sorted(path.name for path in lits.iterdir()) == sorted(
+        [f"volume-{n}.nii" for n in numbers] + [f"segmentation-{n}.nii" for n in numbers]
+    )
+    cases = find_nifti_cases(lits)
+    assert [(case.case_id, case.label_path.name) for case in cases] == [
+        (f"volume-{n}", f"segmentation-{n}.nii") for n in numbers
+    ]
+    assert read_dataset_info(lits) == {
+        "name": "LiTS",
+        "class_names": {1: "liver", 2: "tumour"},
+        "channel_names": ["CT"],
+    }
+    for case in cases:
+        assert read_volume(case.image_paths[0])[0].dtype == np.int16
+        assert read_volume(case.label_path)[0].dtype == np.uint8
+
+
+def test_lits_cases_have_real_coverage_on_a_coarse_grid_and_every_third_is_flipped(lits_cases: list) -> None:
+    for index, (image, labels, geometry) in enumerate(lits_cases):
+        assert image.shape == labels.shape and image.shape[1:] == (LITS_SIZE, LITS_SIZE)
+        assert LITS_SLICES[0] <= image.shape[0] <= LITS_SLICES[1]
+        assert 300 < LITS_SIZE * geometry.spacing[2] == LITS_SIZE * geometry.spacing[1] < 420
+        assert 200 <= image.shape[0] * geometry.spacing[0] <= 500
+        assert geometry.direction == (FLIPPED if index % 3 == 1 else Geometry((1, 1, 1), (0, 0, 0)).direction)
+        assert set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_real_size_lits_grids_are_512_pixels_of_06_to_08_mm_and_100_to_400_slices_of_1_to_25_mm() -> None:
+    for seed in range(40):
+        (slices, height, width), spacing = synthetic._lits_grid(np.random.default_rng(seed), 512, (100, 400))
+        assert height == width == 512 and 100 <= slices <= 400
+        assert 0.6 <= spacing[1] == spacing[2] <= 0.8 and 1.0 <= spacing[0] <= 2.5
+
+
+def test_lits_livers_are_a_litre_or_two_denser_than_fat_with_darker_tumours_inside(lits_cases: list) -> None:
+    with_tumours = 0
+    for image, labels, geometry in lits_cases:
+        liver, tumour = labels == 1, labels == 2
+        assert 1.0 < np.count_nonzero(liver | tumour) * geometry.voxel_volume / 1e6 < 2.3
+        liver_hu = np.median(image[liver])
+        assert 40 < liver_hu < 80
+        body = image > -500
+        fat = body & (image > -150) & (image < -50)
+        assert np.count_nonzero(fat) > 0.05 * np.count_nonzero(body)  # fat is there, 150 HU below the liver
+        if tumour.any():
+            with_tumours += 1
+            assert np.median(image[tumour]) < liver_hu - 15
+            around = ndimage.binary_dilation(tumour, IN_PLANE_NEIGHBOURS) & ~tumour
+            assert np.all(labels[around] == 1)  # surrounded by liver in every slice
+    assert 0 < with_tumours < LITS_CASES
+
+
+def test_lits_livers_lie_on_the_patients_right_in_world_space_whatever_the_direction(
+    lits_cases: list,
+) -> None:
+    for image, labels, geometry in lits_cases:
+        liver_x = geometry.index_to_world(np.argwhere(labels > 0))[:, 0].mean()
+        body_x = geometry.index_to_world(np.argwhere(image > -500))[:, 0].mean()
+        assert liver_x < body_x - 10  # LPS: the patient's right is -x
+
+
+def test_lits_is_byte_identical_for_a_seed_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    tiny = {"n_cases": 2, "size": 32, "slices": (8, 10)}
+    first = all_files(make_lits(tmp_path / "a", seed=3, **tiny))
+    assert first == all_files(make_lits(tmp_path / "b", seed=3, **tiny))
+    other = all_files(make_lits(tmp_path / "c", seed=4, **tiny))
+    assert not {data for name, data in first.items() if name.startswith("volume")} & set(other.values())
+    with pytest.raises(FileExistsError, match="lits"):
+        make_lits(tmp_path / "a", seed=3, **tiny)
+    assert all_files(tmp_path / "a" / "lits") == first
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"n_cases": 0}, "n_cases"),
+        ({"size": 16}, "size"),
+        ({"slices": (4, 8)}, "slices"),
+        ({"slices": (9, 8)}, "slices"),
+    ],
+)
+def test_bad_lits_arguments_raise_value_error_naming_the_argument(
+    tmp_path: Path, arguments: dict, named: str
+) -> None:
+    with pytest.raises(ValueError, match=named):
+        make_lits(tmp_path, **arguments)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("command", "folder"),
     [
         (["luna", "--cases", "1", "--shape", "20", "48", "48"], "luna16"),
         (["msd", "--cases", "2", "--task", "Task04_Hippocampus"], "Task04_Hippocampus"),
+        (["lits", "--cases", "1", "--size", "32", "--slices", "8", "8"], "lits"),
     ],
 )
-def test_cli_generates_luna_and_msd_then_skips_when_they_exist(
+def test_cli_generates_luna_msd_and_lits_then_skips_when_they_exist(
     tmp_path: Path, capsys: pytest.CaptureFixture, command: list[str], folder: str
 ) -> None:
     command = [*command, "--out", str(tmp_path), "--seed", "3"]

@@ -1,7 +1,10 @@
 """volumes.py: reading, writing, checking and resampling volumes, on files written here and on real data."""
 
+import gzip
 import json
 import math
+import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +174,58 @@ def test_write_volume_overwrites_atomically_and_rejects_other_shapes(tmp_path):
         write_volume(ramp(), ANISOTROPIC, tmp_path / "p.png")
 
 
+# ---- world and voxel coordinates -------------------------------------------------------------------------
+
+FLIPPED_IN_PLANE = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+GEOMETRIES = {
+    "identity": Geometry(spacing=(2.5, 0.7, 0.8), origin=(-120.5, 33.25, -301.0)),
+    "flipped": Geometry(spacing=(2.5, 0.7, 0.8), origin=(180.0, 160.0, -301.0), direction=FLIPPED_IN_PLANE),
+    "rotated": ANISOTROPIC,
+}
+
+
+def itk_image(geometry: Geometry) -> sitk.Image:
+    return geometry.to_itk(sitk.Image(6, 5, 4, sitk.sitkUInt8))
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_index_to_world_agrees_with_itk_for_continuous_indices_in_array_order(name):
+    geometry = GEOMETRIES[name]
+    indices_zyx = np.random.default_rng(0).uniform(-2, 7, size=(2, 5, 3))
+    world = geometry.index_to_world(indices_zyx)
+    assert world.shape == (2, 5, 3)
+    image = itk_image(geometry)
+    for index, point in zip(indices_zyx.reshape(-1, 3), world.reshape(-1, 3), strict=True):
+        expected = image.TransformContinuousIndexToPhysicalPoint(tuple(float(i) for i in index[::-1]))
+        np.testing.assert_allclose(point, expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_world_to_index_is_the_exact_inverse_and_agrees_with_itk(name):
+    geometry = GEOMETRIES[name]
+    world = np.random.default_rng(1).uniform(-300, 300, size=(7, 3))
+    indices = geometry.world_to_index(world)
+    np.testing.assert_allclose(geometry.index_to_world(indices), world, atol=1e-9)
+    image = itk_image(geometry)
+    for point, index in zip(world, indices, strict=True):
+        expected_xyz = image.TransformPhysicalPointToContinuousIndex(tuple(float(p) for p in point))
+        np.testing.assert_allclose(index, expected_xyz[::-1], atol=1e-9)
+
+
+def test_voxel_0_0_0_is_the_origin_and_one_step_along_x_moves_along_directions_first_column():
+    geometry = GEOMETRIES["flipped"]
+    np.testing.assert_allclose(geometry.index_to_world([0, 0, 0]), geometry.origin)
+    np.testing.assert_allclose(geometry.index_to_world([0, 0, 1]) - geometry.origin, [-0.8, 0.0, 0.0])
+    np.testing.assert_allclose(geometry.index_to_world([1, 0, 0]) - geometry.origin, [0.0, 0.0, 2.5])
+
+
+def test_coordinates_without_three_components_are_refused():
+    with pytest.raises(ValueError, match=r"index_zyx must have 3 coordinates .* shape \(4, 2\)"):
+        ANISOTROPIC.index_to_world(np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="world_xyz"):
+        ANISOTROPIC.world_to_index(5.0)
+
+
 # ---- bad files -------------------------------------------------------------------------------------------
 
 
@@ -225,6 +280,109 @@ def test_check_same_geometry_states_every_difference_with_both_names():
     assert "origin (x, y, z) (-120.5, 33.25, -301.0) mm vs (-120.5, 33.25, -300.0) mm" in message
     nearly = Geometry((2.5, 0.7, 0.7004), (-120.5, 33.25, -301.0005), ANISOTROPIC.direction)
     check_same_geometry(ANISOTROPIC, nearly, (1, 4, 5, 6), (4, 5, 6), "image", "label")
+
+
+def nifti_with_ramp(path: Path) -> bytes:
+    write_volume(ramp((4, 5, 6)), ANISOTROPIC, path)
+    return path.read_bytes()
+
+
+def test_a_truncated_nii_gz_is_reported_instead_of_read_with_zeros(tmp_path):
+    data = nifti_with_ramp(tmp_path / "scan.nii.gz")
+    (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.nii\.gz is truncated or corrupt \(gzip: .*end-of-stream"):
+        read_volume(tmp_path / "cut.nii.gz")
+    assert (tmp_path / "cut.nii.gz").read_bytes() == data[: len(data) // 2]  # the file is only read
+
+
+def test_a_complete_gzip_stream_of_a_truncated_nifti_is_reported_with_both_sizes(tmp_path):
+    raw = nifti_with_ramp(tmp_path / "scan.nii")
+    assert len(raw) == 352 + 4 * 5 * 6 * 2  # header and extension flag, then the voxels
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(raw[:500]))
+    with pytest.raises(
+        ValueError, match=r"short\.nii\.gz is truncated: it decompresses to 500 bytes, .* 592"
+    ):
+        read_volume(tmp_path / "short.nii.gz")
+
+
+def test_a_truncated_nii_is_reported_with_both_sizes(tmp_path):
+    raw = nifti_with_ramp(tmp_path / "scan.nii")
+    (tmp_path / "scan.nii").write_bytes(raw[:400])
+    with pytest.raises(
+        ValueError, match=r"scan\.nii is truncated: it holds 400 bytes, but its NIfTI header announces 592"
+    ):
+        read_volume(tmp_path / "scan.nii")
+
+
+def nifti1_header(order: str, shape_xyz: tuple[int, ...], datatype: int, bitpix: int) -> bytes:
+    """A minimal single-file NIfTI-1 header (352 bytes with the extension flag) in byte order `order`."""
+    header = bytearray(352)
+    struct.pack_into(f"{order}i", header, 0, 348)
+    struct.pack_into(f"{order}8h", header, 40, len(shape_xyz), *shape_xyz, *[1] * (7 - len(shape_xyz)))
+    struct.pack_into(f"{order}hh", header, 70, datatype, bitpix)
+    struct.pack_into(f"{order}f", header, 108, 352.0)
+    header[344:348] = b"n+1\0"
+    return bytes(header)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_nifti_headers_of_either_byte_order_are_checked(tmp_path, order):
+    float32 = 16
+    voxels = np.arange(6 * 5 * 4, dtype=f"{order}f4")
+    voxels[7] = np.inf
+    header = nifti1_header(order, (6, 5, 4), float32, 32)
+    (tmp_path / "cut.nii").write_bytes(header + voxels.tobytes()[:100])
+    with pytest.raises(ValueError, match=r"cut\.nii is truncated: it holds 452 bytes, .* announces 832"):
+        read_volume(tmp_path / "cut.nii")
+    (tmp_path / "inf.nii.gz").write_bytes(gzip.compress(header + voxels.tobytes()))
+    with pytest.raises(ValueError, match=r"inf\.nii\.gz: 1 of 120 voxels are NaN or infinite"):
+        read_volume(tmp_path / "inf.nii.gz")
+
+
+@pytest.mark.parametrize("name", ["ct.nii.gz", "ct.mhd"])
+def test_nan_or_infinite_voxels_are_an_error_naming_the_file_and_their_count(tmp_path, name):
+    image = ramp(dtype=np.float32)
+    image[0, 0, :2], image[3, 4, 5] = np.nan, -np.inf
+    write_volume(image, ANISOTROPIC, tmp_path / name)
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}: 3 of 120 voxels are NaN or infinite"):
+        load_image(tmp_path / name)
+    with pytest.raises(ValueError, match=rf"{re.escape(name)}: 3 of 120 voxels"):
+        read_channels([tmp_path / name])
+
+
+def test_a_luna_ct_with_nan_voxels_is_an_error_naming_it(tmp_path):
+    write_luna(tmp_path, "1.2.3")
+    ct = (ramp(dtype=np.int16) - 900).astype(np.float32)
+    ct[1, 1, 1] = np.nan
+    write_volume(ct, ANISOTROPIC, tmp_path / "subset0" / "1.2.3.mhd", compress=False)
+    with pytest.raises(ValueError, match=r"subset0/1\.2\.3\.mhd: 1 of 120 voxels are NaN"):
+        read_luna_case(find_luna_cases(tmp_path)[0])
+
+
+def test_a_decathlon_image_with_fewer_channels_than_dataset_json_declares_is_named(tmp_path):
+    write_decathlon(tmp_path, n_cases=1, modality={"0": "FLAIR", "1": "T1w"}, test=False)
+    (case,) = find_decathlon_cases(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"case_000\.nii\.gz: the image has 1 channel\(s\) .* dataset\.json declares 2 in 'modality'",
+    ):
+        read_nifti_case(case, {0, 1, 2})
+
+
+def test_a_luna_mask_without_the_requested_lung_labels_names_the_file_and_both_label_sets(tmp_path):
+    write_luna(tmp_path, "1.2.3")
+    mask = np.zeros((4, 5, 6), np.int16)
+    mask[1:3, 1:4, 1:3], mask[1:3, 1:4, 3:5] = 1, 2
+    write_volume(mask, ANISOTROPIC, tmp_path / "seg-lungs-LUNA16" / "1.2.3.mhd")
+    case = find_luna_cases(tmp_path)[0]
+    _, stored, _ = read_luna_case(case)
+    with pytest.raises(
+        ValueError,
+        match=r"LUNA16/1\.2\.3\.mhd: the lung mask has no voxel labelled \[3, 4\] .* present are \[0, 1, 2\]",
+    ):
+        lung_target(stored, (3, 4), source=case.mask_path)
+    with pytest.raises(ValueError, match=r"^The lung mask has no voxel labelled \[3, 4\]"):
+        lung_target(stored)
 
 
 # ---- labels and intensities ------------------------------------------------------------------------------
