@@ -94,6 +94,7 @@ def test_rotations_act_in_millimetres_on_anisotropic_voxels():
     image = label.astype(np.float32)[None]
     physical = RandomAffine(scale=0.0, degrees=40, flip_prob=0.0, spacing=spacing)
     voxel = RandomAffine(scale=0.0, degrees=40, flip_prob=0.0)
+
     def extents(mask):
         return [(np.ptp(np.nonzero(mask)[axis]) + 1) * spacing[axis] for axis in range(3)]
 
