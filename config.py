@@ -35,14 +35,14 @@ class TrainConfig:
 
     run_name: str = "unet"  # the run's folder under runs_dir
     runs_dir: str = "runs"
-    dataset: str = "kaggle_3m"  # kaggle_3m, luna, msd
+    dataset: str = "kaggle_3m"  # kaggle_3m, luna, msd, luna_nodules (nodule detection)
     data_dir: str = "data/kaggle_3m"
     cache_dir: str = ".cache"  # preprocessed volumes, never inside data_dir
     preprocess_workers: int | None = None  # processes that preprocess cases (None: the CPU count)
     image_size: int = 256  # kaggle_3m: slices resized to image_size²
     edge_slices: int = 1  # kaggle_3m: slices at each end of a volume that training never draws
-    spacing: float | list | None = None  # luna, msd: resampling in mm (None: luna 2.5, msd the median)
-    hu_window: list | None = None  # CT clip in HU (None: the lung window for luna, from the data for msd)
+    spacing: float | list | None = None  # mm (None: luna 2.5, luna_nodules 1, msd the median)
+    hu_window: list | None = None  # CT clip in HU (None: luna -1000..400, luna_nodules -1200..600, msd data)
     lung_labels: list = dataclasses.field(default_factory=lambda: [3, 4])  # luna: mask labels = lung
     validation_cases: int = 10
     test_cases: int = 10

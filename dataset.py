@@ -38,6 +38,15 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from cache import cached, entry_folder, read_array
+from detection import (
+    LUNG_MARGIN_MM,
+    NODULE_WINDOW,
+    NoduleScan,
+    cropped_geometry,
+    find_nodule_scans,
+    lung_box,
+    nodule_mask,
+)
 from volumes import (
     LUNA_LUNG_LABELS,
     Geometry,
@@ -61,7 +70,7 @@ KAGGLE_LAYOUT = (
     "with <data_dir>/<patient>/<patient>_<n>_mask.tif (binary mask), one folder per patient"
 )
 SLICE_FILE = re.compile(r"^(?P<stem>.+)_(?P<number>\d+)(?P<mask>_mask)?\.tif$")
-DATASETS = ("kaggle_3m", "luna", "msd")
+DATASETS = ("kaggle_3m", "luna", "msd", "luna_nodules")
 FOREGROUND_SAMPLES = 10_000  # voxel positions kept per class for foreground sampling, as nnU-Net
 LUNG_WINDOW = (-1000.0, 400.0)  # HU: the lung window, for lung segmentation
 CT_PERCENTILES = (0.5, 99.5)  # nnU-Net's CT normalisation: clip to these foreground percentiles
@@ -75,6 +84,7 @@ class DatasetInfo:
     in_channels: int
     display_channel: int = 0  # the channel shown in grey under the overlays
     channel_names: tuple[str, ...] = ()
+    task: str = "segmentation"  # or "detection": candidates scored by FROC (luna_nodules)
 
 
 # ---- kaggle_3m: files -----------------------------------------------------------------------------------
@@ -491,6 +501,14 @@ def make_plan(
             "hu_window": [float(v) for v in (hu_window or LUNG_WINDOW)],
             "lung_labels": [int(v) for v in lung_labels],
         }
+    if name == "luna_nodules":
+        return {
+            "dataset": name,
+            "spacing": _spacing_setting(1.0 if spacing is None else spacing),
+            "hu_window": [float(v) for v in (hu_window or NODULE_WINDOW)],
+            "lung_labels": [int(v) for v in lung_labels],
+            "margin_mm": LUNG_MARGIN_MM,
+        }
     if name != "msd":
         raise ValueError(f"Unknown dataset {name!r}: expected one of {list(DATASETS)}")
     target = _spacing_setting(spacing) if spacing is not None else median_spacing(train_sources)
@@ -535,13 +553,15 @@ def source_paths(source) -> list[Path]:
         return [p for item in source.slices for p in (item.image, item.mask) if p is not None]
     if isinstance(source, LunaCase):
         return [source.ct_path, source.mask_path]
+    if isinstance(source, NoduleScan):
+        return [source.scan.ct_path, source.scan.mask_path]
     return [*source.image_paths, *([source.label_path] if source.label_path else [])]
 
 
 def has_label(source) -> bool:
     if isinstance(source, KaggleCase):
         return source.has_label
-    return isinstance(source, LunaCase) or source.label_path is not None
+    return isinstance(source, LunaCase | NoduleScan) or source.label_path is not None
 
 
 def _build_kaggle(source: KaggleCase, plan: dict) -> tuple[dict, dict]:
@@ -576,6 +596,25 @@ def _build_luna(source: LunaCase, plan: dict) -> tuple[dict, dict]:
     return {"image": image[None], "label": label}, meta
 
 
+def _build_nodule_scan(source: NoduleScan, plan: dict) -> tuple[dict, dict]:
+    """A scan for nodule detection: cropped to its lungs, windowed, resampled; label = nodule balls."""
+    ct, mask, geometry = read_luna_case(source.scan)
+    box = lung_box(
+        lung_target(mask, plan["lung_labels"], source.scan.mask_path), geometry.spacing, plan["margin_mm"]
+    )
+    ct = ct[box[0] : box[1], box[2] : box[3], box[4] : box[5]]
+    target = plan["spacing"]
+    image = resample(window_ct(ct, *plan["hu_window"]), geometry.spacing, target, order=1)
+    grid = resampled_geometry(cropped_geometry(geometry, box), ct.shape, target)
+    meta = {
+        "spacing": list(grid.spacing),
+        "slice_names": [],
+        "source": {**_volume_grid(geometry, mask.shape), "box": box},
+        "grid_geometry": dataclasses.asdict(grid),
+    }
+    return {"image": image[None], "label": nodule_mask(source.nodules, grid, image.shape)}, meta
+
+
 def _build_nifti(source: NiftiCase, plan: dict, allowed: list[int]) -> tuple[dict, dict]:
     image, label, geometry = read_nifti_case(source, allowed)
     source_shape = image.shape[1:]
@@ -598,6 +637,8 @@ def build_case(source, plan: dict, allowed: list[int]) -> tuple[dict, dict]:
         arrays, meta = _build_kaggle(source, plan)
     elif isinstance(source, LunaCase):
         arrays, meta = _build_luna(source, plan)
+    elif isinstance(source, NoduleScan):
+        arrays, meta = _build_nodule_scan(source, plan)
     else:
         arrays, meta = _build_nifti(source, plan, allowed)
     label = arrays.get("label")
@@ -617,6 +658,8 @@ def _prepare_one(source, plan: dict, allowed: list[int], cache_dir: str | None) 
         arrays, meta = build_case(source, plan, allowed)
         return Case(meta, arrays=arrays, origin=source)
     params = {"plan": plan, "allowed": allowed}
+    if isinstance(source, NoduleScan):  # the annotations draw the label: they key the entry too
+        params["nodules"] = [[f.x, f.y, f.z, f.diameter_mm] for f in source.nodules]
     folder = entry_folder(cache_dir, plan["dataset"], source.case_id, params, source_paths(source))
     meta = cached(folder, lambda: build_case(source, plan, allowed))
     return Case(meta, folder=folder, origin=source)
@@ -675,6 +718,9 @@ def find_sources(name: str, data_dir: str | Path, require_labels: bool = True) -
     elif name == "luna":
         sources = find_luna_cases(data_dir)
         info = DatasetInfo({1: "lung"}, in_channels=1, channel_names=("CT",))
+    elif name == "luna_nodules":
+        sources = find_nodule_scans(data_dir, require_labels)
+        info = DatasetInfo({1: "nodule"}, in_channels=1, channel_names=("CT",), task="detection")
     elif name == "msd":
         description = read_dataset_info(data_dir)
         sources = [s for s in find_nifti_cases(data_dir) if s.label_path is not None or not require_labels]
@@ -721,9 +767,7 @@ def to_source_grid(case: Case, probabilities: np.ndarray) -> np.ndarray:
     if grid is None:
         return probabilities_to_labels(probabilities)
     if grid["kind"] == "volume":
-        return _labels_by_channel(
-            probabilities, lambda channel: resample_to_shape(channel, grid["shape"], order=1)
-        )
+        return _labels_by_channel(probabilities, lambda channel: _volume_to_source(channel, grid))
     return _labels_by_channel(probabilities, lambda channel: _slices_to_source(channel, grid))
 
 
@@ -748,6 +792,19 @@ def _labels_by_channel(
         labels[better] = index
         np.maximum(best, channel, out=best)
     return labels
+
+
+def _volume_to_source(channel: np.ndarray, grid: dict) -> np.ndarray:
+    """One class's probabilities resampled onto the scan's grid (or the box it was cropped to: 0 outside)."""
+    box = grid.get("box")
+    if box is None:
+        return resample_to_shape(channel, grid["shape"], order=1)
+    out = np.zeros(grid["shape"], np.float32)
+    inside = tuple(slice(box[2 * axis], box[2 * axis + 1]) for axis in range(3))
+    out[inside] = resample_to_shape(
+        channel, [box[2 * axis + 1] - box[2 * axis] for axis in range(3)], order=1
+    )
+    return out
 
 
 def _slices_to_source(channel: np.ndarray, grid: dict) -> np.ndarray:
@@ -797,6 +854,10 @@ def read_source(case: Case, plan: dict, info: DatasetInfo) -> SourceCase:
     if isinstance(source, LunaCase):
         ct, mask, geometry = read_luna_case(source)
         label = lung_target(mask, plan["lung_labels"], source.mask_path)
+        image = ct.astype(np.float32)
+    elif isinstance(source, NoduleScan):
+        ct, _, geometry = read_luna_case(source.scan)
+        label = nodule_mask(source.nodules, geometry, ct.shape)
         image = ct.astype(np.float32)
     else:
         allowed = [0, *info.class_names]

@@ -42,6 +42,8 @@ from dataset import (
     split_cases,
     to_source_grid,
 )
+from detection import circles, find_candidates
+from froc import Candidate, FrocResult, bootstrap_froc, froc, plot_froc, sensitivity_table, write_candidates
 from logger import Logger
 from loss import DeepSupervisionLoss, build_loss
 from models import build_model
@@ -237,6 +239,27 @@ def _overlay_candidates(case: Case, predicted: np.ndarray, info: DatasetInfo, co
     ]
 
 
+def _mean_dice(predicted: np.ndarray, label: np.ndarray, classes: list[int]) -> float:
+    return float(np.mean(list(dice_per_class(predicted, label, classes).values())))
+
+
+def scan_candidates(case: Case, probabilities: np.ndarray) -> list[Candidate]:
+    """Nodule candidates (world mm) of a detection case from its probabilities on the case's grid."""
+    return find_candidates(probabilities[0], Geometry(**case.meta["grid_geometry"]), case.case_id)
+
+
+def detection_score(
+    cases: Sequence[Case], candidates: list[Candidate], bootstrap: bool = False
+) -> FrocResult:
+    """LUNA16's FROC over the cases (NoduleScan sources), with a bootstrap interval when asked."""
+    nodules = [f for case in cases for f in case.origin.nodules]
+    excluded = [f for case in cases for f in case.origin.excluded]
+    series = [case.case_id for case in cases]
+    if bootstrap:
+        return bootstrap_froc(candidates, nodules, excluded, series, iterations=1000, seed=0)
+    return froc(candidates, nodules, excluded, series)
+
+
 def validate(
     model: torch.nn.Module,
     cases: Sequence[Case],
@@ -247,8 +270,8 @@ def validate(
     config: TrainConfig,
     overlays: int = 0,
 ) -> dict:
-    """Mean validation loss, mean per-volume DSC (over cases and classes) with every post-processing, and
-    the overlays of the `overlays` slices with the most foreground (for TensorBoard).
+    """Mean validation loss, mean per-volume DSC (over cases and classes) with every post-processing, the
+    CPM for detection, and the overlays of the `overlays` slices with the most foreground (TensorBoard).
 
     On the cases' own (preprocessed) grid, one case in memory at a time, without test-time mirroring:
     validation only picks the best epoch and the post-processing. In a multi-process run each rank
@@ -262,27 +285,33 @@ def validate(
         logits = predict_case(model, case.image, context.device, shapes, config)
         label = np.asarray(case.label)
         target = torch.from_numpy(label.astype(np.int64))[None, None]
-        predicted = probabilities_to_labels(class_probabilities(logits).numpy())
-        scores = {
-            method: float(
-                np.mean(
-                    list(dice_per_class(postprocess(predicted, method, classes), label, classes).values())
-                )
-            )
-            for method in POSTPROCESSING
-        }
-        candidates = _overlay_candidates(case, predicted, info, overlays) if overlays else []
-        mine.append((number, float(criterion(logits[None], target)), scores, candidates))
+        probabilities = class_probabilities(logits).numpy()
+        predicted = probabilities_to_labels(probabilities)
+        mine.append(
+            {
+                "number": number,
+                "loss": float(criterion(logits[None], target)),
+                "dsc": {
+                    m: _mean_dice(postprocess(predicted, m, classes), label, classes) for m in POSTPROCESSING
+                },
+                "overlays": _overlay_candidates(case, predicted, info, overlays) if overlays else [],
+                "candidates": scan_candidates(case, probabilities) if info.task == "detection" else [],
+            }
+        )
     results = sorted(
-        (item for part in distributed.gather(context, mine) for item in part), key=lambda r: r[0]
+        (r for part in distributed.gather(context, mine) for r in part), key=lambda r: r["number"]
     )
-    best_slices = sorted((c for r in results for c in r[3]), key=lambda item: -item[0])[:overlays]
-    return {
-        "loss": float(np.mean([r[1] for r in results])),
-        "dsc": float(np.mean([r[2]["none"] for r in results])),
-        "dsc_postprocessed": {m: float(np.mean([r[2][m] for r in results])) for m in POSTPROCESSING},
+    best_slices = sorted((c for r in results for c in r["overlays"]), key=lambda item: -item[0])[:overlays]
+    summary = {
+        "loss": float(np.mean([r["loss"] for r in results])),
+        "dsc": float(np.mean([r["dsc"]["none"] for r in results])),
+        "dsc_postprocessed": {m: float(np.mean([r["dsc"][m] for r in results])) for m in POSTPROCESSING},
         "overlays": _same_size([strip for _, strip in best_slices]),
     }
+    if info.task == "detection":
+        summary["cpm"] = detection_score(cases, [c for r in results for c in r["candidates"]]).cpm
+    summary["score"] = summary.get("cpm", summary["dsc"])
+    return summary
 
 
 def _same_size(strips: list[np.ndarray]) -> list[np.ndarray]:
@@ -434,9 +463,12 @@ def choose_postprocessing(history_entry: dict) -> str:
 
 def _summary(config: TrainConfig, state: dict) -> dict:
     history = state["history"]
+    best = history[state["best_epoch"] - 1]
     return {
         "run_dir": str(config.run_dir),
-        "best_val_mean_dsc": state["best"],
+        "best_val_mean_dsc": best["val_mean_dsc"],
+        "best_val_score": state["best"],  # the mean DSC, or the CPM for detection: what chose the epoch
+        "score": "CPM" if "val_cpm" in best else "mean DSC",
         "best_epoch": state["best_epoch"],
         "postprocessing": choose_postprocessing(history[state["best_epoch"] - 1]),
         "history": history,
@@ -484,7 +516,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
     distributed.barrier(context)
     if state is not None and state["finished"] and not _wants_more(state, config):
         say(
-            f"Run {run_dir} is finished ({len(state['history'])} epochs, best validation mean DSC "
+            f"Run {run_dir} is finished ({len(state['history'])} epochs, best validation score "
             f"{state['best']:.4f} at epoch {state['best_epoch']}); its results are in {run_dir}. Nothing was "
             "changed: raise epochs or time_budget_minutes to continue it, or set resume=False to start over."
         )
@@ -515,6 +547,11 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
     by_case = {case.case_id: case for case in cases}
     train_cases = [by_case[i] for i in split["train"]]
     val_cases = [by_case[i] for i in split["validation"]]
+    if info.task == "detection" and not any(case.origin.nodules for case in val_cases):
+        raise ValueError(
+            f"The validation scans of {config.data_dir} hold no annotated nodule, so no epoch can be chosen "
+            "by CPM: raise validation_cases or choose another split_seed"
+        )
     if not any(case.classes for case in train_cases):
         raise ValueError(
             f"No training case of {config.data_dir} has any foreground voxel of {info.class_names}: every "
@@ -552,7 +589,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
 
     derived = {"class_names": info.class_names, "in_channels": info.in_channels}
     derived |= {"display_channel": info.display_channel, "split": split, "case_ids": case_ids}
-    derived |= {"plan": plan, "shapes": shapes, "world_size": context.world_size}
+    derived |= {"plan": plan, "shapes": shapes, "world_size": context.world_size, "task": info.task}
     if context.is_main:
         write_json_atomic({**dataclasses.asdict(config), **derived}, run_dir / ARGS)
         if state is not None:
@@ -617,6 +654,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
                 "train_loss": float(np.mean(step_losses)),
                 "val_loss": result["loss"],
                 "val_mean_dsc": result["dsc"],
+                **({"val_cpm": result["cpm"]} if "cpm" in result else {}),
                 "val_dsc_postprocessed": result["dsc_postprocessed"],
                 "seconds": train_seconds,
                 "data_seconds": data_seconds,
@@ -624,8 +662,8 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
                 "validation_seconds": time.perf_counter() - started - train_seconds,
             }
         )
-        if result["dsc"] > best:
-            best, best_epoch = result["dsc"], epoch + 1
+        if result["score"] > best:  # validation DSC, or CPM for detection
+            best, best_epoch = result["score"], epoch + 1
             best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         finished = epoch + 1 == config.epochs or trained_seconds >= budget_seconds
         if context.is_main:
@@ -634,6 +672,8 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
                 logger.scalar("train/loss", value, first_step + offset)
             logger.scalar("val/loss", result["loss"], epoch)
             logger.scalar("val/mean_dsc", result["dsc"], epoch)
+            if "cpm" in result:
+                logger.scalar("val/cpm", result["cpm"], epoch)
             logger.images("val/overlays", result["overlays"], epoch)
             checkpoint = {
                 "model": model.state_dict(),
@@ -673,7 +713,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
     if context.is_main:
         write_json_atomic({k: v for k, v in summary.items() if k != "history"}, run_dir / RESULT)
     say(
-        f"Best validation mean DSC: {best:.4f} (epoch {best_epoch}); "
+        f"Best validation {summary['score']}: {best:.4f} (epoch {best_epoch}); "
         f"post-processing chosen on validation: {summary['postprocessing']}"
     )
     return summary
@@ -694,6 +734,7 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, di
         class_names={int(k): v for k, v in args["class_names"].items()},
         in_channels=args["in_channels"],
         display_channel=args["display_channel"],
+        task=args["task"],
     )
     result = (
         read_json(run_dir / RESULT, "the summary of a finished run") if (run_dir / RESULT).exists() else {}
@@ -742,17 +783,16 @@ def _check_ensemble(run_dirs: Sequence[Path], runs: list, own_split: bool) -> No
             raise ValueError(f"{folder} differs from {run_dirs[0]} in {differ}: an ensemble must share them")
 
 
-def _figures(case: Case, source, predicted: np.ndarray, folder: Path) -> None:
+def _figures(case: Case, source, shown: np.ndarray, truth: np.ndarray | None, folder: Path) -> None:
     """Overlays and a GIF on the source grid in radiological orientation, named by source slice."""
     view = radiological_view(source.geometry.direction if source.geometry else None)
-    present = source.present if source.geometry is None else np.ones(predicted.shape[view[0][0]], bool)
-    names = np.array(
-        source.slice_names if source.geometry is None else range(predicted.shape[view[0][0]]), str
-    )
+    depth = shown.shape[view[0][0]]
+    present = source.present if source.geometry is None else np.ones(depth, bool)
+    names = np.array(source.slice_names if source.geometry is None else range(depth), str)
     if view[1][0]:
         present, names = present[::-1], names[::-1]
-    image, pred = to_view(source.image, view)[present], to_view(predicted, view)[present]
-    truth = None if source.label is None else to_view(source.label, view)[present]
+    image, pred = to_view(source.image, view)[present], to_view(shown, view)[present]
+    truth = None if truth is None else to_view(truth, view)[present]
     save_case_figures(case.case_id, image, pred, truth, out_dir=folder, slice_names=list(names[present]))
 
 
@@ -811,18 +851,17 @@ def evaluate(
         wanted = {source.case_id: Path(data_dir).name for source in sources}
     cases = prepare_cases(sources, args["plan"], info, config.cache_dir, config.preprocess_workers)
     output = Path(output_dir) if output_dir else output_folder(run_dirs, data_dir)
+    if info.task == "detection":
+        return _evaluate_detection(cases, runs, wanted, torch_device, output, name)
     suffix = ".mhd" if config.dataset == "luna" else ".nii.gz"
     rows = []
     for case in tqdm(cases, desc="cases"):
         started = time.perf_counter()
-        image = np.asarray(case.image)
-        logits = [predict_case(m, image, torch_device, a["shapes"], c) for c, a, m in runs]
-        predicted = to_source_grid(case, mean_probabilities(logits))
-        del image, logits
+        predicted = to_source_grid(case, _ensemble_probabilities(case, runs, torch_device))
         seconds = time.perf_counter() - started
         source = read_source(case, args["plan"], info)
         final = postprocess(predicted, method, list(info.class_names))
-        _figures(case, source, final, output / "predictions")
+        _figures(case, source, final, None if source.label is None else source.label, output / "predictions")
         if source.geometry is not None:
             write_prediction(final, source.geometry, output / "labels", f"{case.case_id}{suffix}")
         if source.label is not None:
@@ -843,3 +882,59 @@ def evaluate(
                 f"{POSTPROCESSING[method]}) {final_dsc:.4f} ({len(chosen)} cases)"
             )
     return {"output_dir": output, "rows": rows, "postprocessing": method}
+
+
+def _ensemble_probabilities(case: Case, runs: list, device: torch.device) -> np.ndarray:
+    image = np.asarray(case.image)
+    return mean_probabilities([predict_case(m, image, device, a["shapes"], c) for c, a, m in runs])
+
+
+DETECTION_DISPLAY_PROBABILITY = 0.5  # candidates circled in the figures
+CANDIDATE_CIRCLE_MM = 5.0
+
+
+def _evaluate_detection(
+    cases: list[Case], runs: list, wanted: dict, device: torch.device, output: Path, name: str
+):
+    """Candidates, FROC and CPM (with bootstrap intervals) per subset, and figures with circles."""
+    config, args, _ = runs[0]
+    info: DatasetInfo = args["info"]
+    rows, candidates = [], []
+    for case in tqdm(cases, desc="scans"):
+        started = time.perf_counter()
+        found = scan_candidates(case, _ensemble_probabilities(case, runs, device))
+        seconds = time.perf_counter() - started
+        candidates += found
+        source = read_source(case, args["plan"], info)
+        shown = [c for c in found if c.probability >= DETECTION_DISPLAY_PROBABILITY]
+        detected = circles(shown, source.geometry, source.image.shape, CANDIDATE_CIRCLE_MM)
+        annotated = circles(case.origin.nodules, source.geometry, source.image.shape)
+        _figures(case, source, detected, annotated, output / "predictions")
+        rows.append(
+            {
+                "subset": wanted[case.case_id],
+                "case": case.case_id,
+                "nodules": len(case.origin.nodules),
+                "candidates": len(found),
+                f"candidates_p{DETECTION_DISPLAY_PROBABILITY:g}": len(shown),
+                "seconds": seconds,
+            }
+        )
+    write_candidates(candidates, output / "candidates.csv")
+    write_metrics_csv(rows, output / "scans.csv")
+    results = {}
+    for subset in dict.fromkeys(row["subset"] for row in rows):
+        chosen = [case for case in cases if wanted[case.case_id] == subset]
+        if not any(case.origin.nodules for case in chosen):
+            continue
+        ids = {case.case_id for case in chosen}
+        result = detection_score(chosen, [c for c in candidates if c.seriesuid in ids], bootstrap=True)
+        results[subset] = result
+        write_metrics_csv(sensitivity_table(result), output / f"sensitivities-{subset}.csv")
+        plot_froc(result, output / f"froc-{subset}.png", title=f"{name}: {subset} ({len(chosen)} scans)")
+        print(
+            f"{subset}: CPM {result.cpm:.3f} (95% CI {result.bootstrap.cpm_lower:.3f}-"
+            f"{result.bootstrap.cpm_upper:.3f}), {result.n_detected}/{result.n_nodules} nodules found, "
+            f"{len(chosen)} scans"
+        )
+    return {"output_dir": output, "rows": rows, "froc": results, "postprocessing": "none"}

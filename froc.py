@@ -15,7 +15,7 @@ import csv
 import math
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from fractions import Fraction
 from pathlib import Path
@@ -49,6 +49,7 @@ class Finding:
     y: float
     z: float
     diameter_mm: float
+    where: str = field(default="", compare=False)  # "file, line N", for errors about the finding
 
     @property
     def hit_radius_mm(self) -> float:
@@ -195,7 +196,7 @@ def _read_findings(
                     f"{where}: diameter_mm is {cells['diameter_mm']}; a nodule's diameter must be positive "
                     "(only irrelevant findings may leave it unknown)"
                 )
-        findings.append(Finding(uid, x, y, z, diameter))
+        findings.append(Finding(uid, x, y, z, diameter, where))
     return findings
 
 

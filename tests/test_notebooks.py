@@ -155,3 +155,32 @@ def test_both_notebooks_run_on_tiny_volumetric_sets(tmp_path, dataset, model, ma
     assert len(rows) == 2
     suffix = ".mhd" if dataset == "luna" else ".nii.gz"
     assert all((run_dir / "inference" / "labels" / f"{row['case']}{suffix}").is_file() for row in rows)
+
+
+def test_both_notebooks_train_and_evaluate_a_nodule_detector(tmp_path):
+    data_dir = make_luna(tmp_path / "data", n_cases=6, shape=(48, 64, 64), seed=11)
+    settings = {
+        "run_name": "detector",
+        "runs_dir": str(tmp_path / "runs"),
+        "cache_dir": str(tmp_path / "cache"),
+        "dataset": "luna_nodules",
+        "data_dir": str(data_dir),
+        "spacing": 3.0,
+        "model": "res_unet3d",
+        "model_options": {"depth": 2},
+        "init_features": 4,
+        "patch_size": [32, 32, 32],
+        "validation_cases": 2,
+        "test_cases": 2,
+        "epochs": 1,
+        "patches_per_epoch": 8,
+        "batch_size": 4,
+        "split_seed": 1,
+    }
+    run_notebook("train.ipynb", tmp_path / "train.ipynb", **settings)
+    run_dir = tmp_path / "runs" / "detector"
+    run_notebook("inference.ipynb", tmp_path / "inference.ipynb", run_dir=str(run_dir), subsets=["validation"])
+    output = run_dir / "inference"
+    assert (output / "candidates.csv").read_text().startswith("seriesuid,coordX,coordY,coordZ,probability")
+    assert (output / "froc-validation.png").is_file()
+    assert "CPM" in (tmp_path / "inference.ipynb").read_text()
