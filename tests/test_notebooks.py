@@ -179,7 +179,9 @@ def test_both_notebooks_train_and_evaluate_a_nodule_detector(tmp_path):
     }
     run_notebook("train.ipynb", tmp_path / "train.ipynb", **settings)
     run_dir = tmp_path / "runs" / "detector"
-    run_notebook("inference.ipynb", tmp_path / "inference.ipynb", run_dir=str(run_dir), subsets=["validation"])
+    run_notebook(
+        "inference.ipynb", tmp_path / "inference.ipynb", run_dir=str(run_dir), subsets=["validation"]
+    )
     output = run_dir / "inference"
     assert (output / "candidates.csv").read_text().startswith("seriesuid,coordX,coordY,coordZ,probability")
     assert (output / "froc-validation.png").is_file()
