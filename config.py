@@ -52,7 +52,8 @@ class TrainConfig:
     loss: str = "dice"  # dice, bce, ce, dice_bce, dice_ce, focal, dice_focal, tversky
     loss_options: dict = dataclasses.field(default_factory=dict)
     slice_axis: int = 0  # 2D networks on volumes: the spatial axis slices are taken along
-    patch_size: list | None = None  # 3D networks: training patch and inference window (D, H, W)
+    patch_size: list | str | None = None  # 3D networks: patch and window (D, H, W); "foreground": the
+    # training cases' largest foreground box; None: the largest case, at most 96 per axis
     patches_per_epoch: int = 250  # 3D networks: patches drawn per epoch
     foreground_ratio: float = 0.33  # 3D networks: share of patches centred on foreground
     overlap: float = 0.5  # 3D inference: overlap of the sliding windows
@@ -173,7 +174,7 @@ class TrainConfig:
             self.time_budget_minutes is None or self.time_budget_minutes > 0,
             f"time_budget_minutes must be positive or None, got {self.time_budget_minutes}",
         )
-        if self.patch_size is not None:
+        if self.patch_size not in (None, "foreground"):
             require(
                 len(self.patch_size) == 3 and all(int(p) >= 1 for p in self.patch_size),
                 f"patch_size must be 3 positive sizes (D, H, W), got {self.patch_size}",

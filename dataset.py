@@ -246,8 +246,10 @@ def square_padding(height: int, width: int) -> tuple[tuple[int, int], tuple[int,
 def resize_slices(volume: np.ndarray, mask, size: int):
     """Resize every slice to size × size: image quadratic, mask nearest neighbour (stays binary).
 
-    Each slice and channel is resized in 2D: the same values as one 4D spline over (D, H, W, C), whose
-    unchanged axes interpolate nothing, 30-40 times faster.
+    Each slice and channel is resized in 2D, 30-40 times faster than the reference's one 4D spline over
+    (D, H, W, C). That spline's prefilter also runs along the unchanged slice and channel axes, so near the
+    first and last slices it mixes neighbours in (differences up to a few percent of the range there, a
+    mean of about 0.001%); here a slice and a channel stay themselves.
     """
     resized = np.empty((volume.shape[0], size, size, volume.shape[-1]), np.float32)
     for d in range(volume.shape[0]):

@@ -142,15 +142,30 @@ def _round_up(size: int, multiple: int) -> int:
     return int(math.ceil(size / multiple) * multiple)
 
 
+def foreground_extent(case: Case) -> list[int]:
+    """The size (D, H, W) of the bounding box of a case's foreground (0 where it has none)."""
+    extent = []
+    for axis in range(3):
+        where = np.flatnonzero(case.slice_areas(axis))
+        extent.append(int(where[-1] - where[0] + 1) if len(where) else 0)
+    return extent
+
+
 def data_shapes(cases: Sequence[Case], config: TrainConfig, divisor: int) -> dict:
     """Sizes decided from the training cases (nnU-Net's habit), saved in args.json for inference.
 
     slice_size: the largest in-plane size, rounded up to the network's divisor, so slices of every
-    volume batch together. patch_size: unless set, the largest volume rounded up, at most 96 per axis.
+    volume batch together. patch_size: as set; "foreground": the largest bounding box of the training
+    cases' foreground, rounded up to the divisor (patches the size of the structures, never derived
+    from validation or test cases); None: the largest volume rounded up, at most 96 per axis.
     """
     largest = np.max([case.shape for case in cases], 0)
     in_plane = [int(size) for axis, size in enumerate(largest) if axis != config.slice_axis]
-    patch = config.patch_size or [min(_round_up(int(size), divisor), 96) for size in largest]
+    if config.patch_size == "foreground":
+        extent = np.max([foreground_extent(case) for case in cases], 0)
+        patch = [_round_up(max(int(size), 1), divisor) for size in extent]
+    else:
+        patch = config.patch_size or [min(_round_up(int(size), divisor), 96) for size in largest]
     return {
         "slice_size": [_round_up(size, divisor) for size in in_plane],
         "patch_size": [int(p) for p in patch],

@@ -1,16 +1,23 @@
-"""Benchmark networks and losses for a fixed training budget, each in its own process.
+"""Benchmark networks and losses for a fixed training budget, each in its own process, under a protocol a
+reviewer accepts.
 
 Two suites. `hippocampus`: the real MSD Task04 data, one seeded split by case: 52 test cases (20%, written to
-benchmarks/split.json, touched only for the final numbers), 20 validation cases (choose the best epoch) and
-188 training cases. `brain`: the generated demo kaggle_3m set (synthetic), split as the demo (4 validation,
-4 test patients). Each configuration trains for `--budget` minutes of training time on this machine, then its
-best weights predict the test cases. Records go to benchmarks/results.json (hippocampus) or
-benchmarks/brain_results.json, one per configuration, seed and budget (replaced when re-run), and a
-markdown table beside them (.md). The `unet2d_*` speed variants (workers, channels-last, bfloat16
-autocast, torch.compile) differ from `unet2d` in that one option only.
+benchmarks/split.json), 20 validation cases and 188 training cases. `brain`: the generated demo kaggle_3m set
+(synthetic), split as the demo (4 validation, 4 test patients). Each configuration trains for `--budget`
+minutes of training time on this machine, then its best weights predict the validation and the test cases on
+their source grids. The protocol (report.md, "How configurations are chosen"):
+- the configuration is chosen by its mean validation DSC (the 20 validation cases, predicted as the test
+  cases are), never by a test figure; anything derived from data (spacing, intensity statistics, the
+  "foreground" patch size) comes from the training cases and is saved with the run;
+- every mean has a 95% bootstrap interval over cases; a missed structure's HD95 is the image diagonal (mm);
+- `--protocol` marks the chosen record (`"chosen": true`), pairs it with the peers trained in the same run
+  (benchmarks/peers.py) on the same test cases, and writes the tables and the headline of report.md.
+Records go to benchmarks/results/<suite>.json, one per configuration, seed and budget (replaced when re-run),
+with a markdown table beside them (.md); records of the protocol before this one are frozen in
+benchmarks/results/legacy/.
 
-    .venv/bin/python benchmarks/run.py --budget 5 --configs unet2d unet3d
-    .venv/bin/python benchmarks/run.py --suite brain --budget 3
+    .venv/bin/python benchmarks/run.py --budget 20 --tuned --configs res_unet3d_fullres8_affine30_pfg
+    .venv/bin/python benchmarks/run.py --protocol
     .venv/bin/python benchmarks/run.py --quick --cases 10 --budget 0.02   # a smoke check
 """
 
@@ -33,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model_speed import cpu_name  # noqa: E402
+from stats import bootstrap_ci, choose_by_validation, paired_difference, verdict  # noqa: E402
 
 from dataset import split_cases  # noqa: E402
 from engine import TrainConfig, evaluate, train  # noqa: E402
@@ -57,8 +65,10 @@ RES_UNET3D_SHALLOW = {**RES_UNET3D, "model_options": {"depth": 3}, "patch_size":
 LIGHT_AFFINE = {**RES_UNET3D_SHALLOW, "mirror_tta": True, "aug_affine_prob": 0.3}
 LIGHT_AFFINE_BF16 = {**LIGHT_AFFINE, "amp": True}  # bfloat16 autocast: faster on CPUs with bf16 units
 FULL_RESOLUTION = {**LIGHT_AFFINE, "model_options": {"depth": 3, "full_resolution": 8}}
-# Patches of the foreground's size rather than the largest case's: 1.6 times the throughput.
-SMALL_PATCHES = {**FULL_RESOLUTION, "patch_size": [32, 48, 32]}
+# Patches of the foreground's size rather than the largest case's: 1.6 times the throughput. The size is the
+# training cases' largest foreground box, derived by the run itself (earlier rows fixed 32 x 48 x 32, read off
+# every label, test cases included).
+SMALL_PATCHES = {**FULL_RESOLUTION, "patch_size": "foreground"}
 # Half the patches scaled 0.75 to 1.25 in intensity (nnU-Net's brightness range) and shifted.
 INTENSITY = {**SMALL_PATCHES, "aug_intensity": 0.25}
 TUNED = {"channels_last": True, "lr_schedule": "poly"}  # the speed option that won, and nnU-Net's schedule
@@ -106,18 +116,18 @@ SUITES = {
                 "model_options": {"depth": 3, "deep_supervision": True},
             },
             "res_unet3d_fullres8_affine30": FULL_RESOLUTION,
-            "res_unet3d_fullres8_affine30_p32": SMALL_PATCHES,
+            "res_unet3d_fullres8_affine30_pfg": SMALL_PATCHES,
             # Wider at every level: for a CPU fast enough to reach the narrow network's plateau in 20 minutes.
-            "res_unet3d_fullres8_affine30_p32_f24": {**SMALL_PATCHES, "init_features": 24},
+            "res_unet3d_fullres8_affine30_pfg_f24": {**SMALL_PATCHES, "init_features": 24},
             # Dice per patch, as the metric is per case; the patches nearly always hold both structures.
-            "res_unet3d_fullres8_affine30_p32_sample_dice": {
+            "res_unet3d_fullres8_affine30_pfg_sample_dice": {
                 **SMALL_PATCHES,
                 "loss_options": {"batch": False},
             },
-            "res_unet3d_fullres8_affine30_p32_intensity25": INTENSITY,
+            "res_unet3d_fullres8_affine30_pfg_intensity25": INTENSITY,
             # Two networks on half the budget each, probabilities averaged: one plateaus within 20 minutes.
-            "res_unet3d_fullres8_affine30_p32_intensity25_ensemble2": {**INTENSITY, "ensemble": 2},
-            "res_unet3d_fullres16_affine30_p32": {
+            "res_unet3d_fullres8_affine30_pfg_intensity25_ensemble2": {**INTENSITY, "ensemble": 2},
+            "res_unet3d_fullres16_affine30_pfg": {
                 **SMALL_PATCHES,
                 "model_options": {"depth": 3, "full_resolution": 16},
             },
@@ -161,19 +171,19 @@ SUITES = {
 
 
 def columns(suite: Suite) -> list[tuple[str, str]]:
-    """The table's (record key, title) pairs."""
-    per_class = [(f"dsc_{name.lower()}", f"DSC {name.lower()}") for name in suite.classes]
+    """The table's (record key, title) pairs; means are shown with their 95% bootstrap interval."""
+    per_class = [(f"dsc_{name.lower()}", f"test DSC {name.lower()}") for name in suite.classes]
     return [
         ("config", "configuration"),
         ("seed", "seed"),
         ("budget_minutes", "budget (min)"),
         ("epochs", "epochs"),
-        ("best_val_dsc", "best val DSC"),
+        ("val_dsc_mean", "validation DSC [95% CI]"),
+        ("dsc_mean", "test DSC [95% CI]"),
         *per_class,
-        ("dsc_mean", "test DSC mean"),
-        ("dsc_mean_pp", "test DSC mean (post-processed)"),
-        ("hd95_mean", "HD95"),
-        ("hd95_mean_pp", "HD95 (post-processed)"),
+        ("dsc_mean_pp", "test DSC post-processed"),
+        ("hd95_mean", "HD95 (mm, misses = diagonal)"),
+        ("missed", "missed structures"),
         *([("gap_to_nnunet", "gap to nnU-Net")] if suite.classes == tuple(NNUNET) else []),
         ("samples_per_second", "train samples/s"),
         ("data_wait_share", "data wait"),
@@ -221,17 +231,25 @@ def first_cases(data_dir: Path, count: int, folder: Path) -> Path:
 
 
 def summarise(suite: Suite, rows: list[dict], history: list[dict]) -> dict:
-    """Test metrics per class and mean, with and without largest-component post-processing, and speed."""
+    """Validation and test metrics per class and mean with 95% bootstrap intervals, the per-case test
+    values (for paired tests), misses, and speed. Validation figures choose; test figures are reported."""
+    validation = [row for row in rows if row["subset"] == "validation"]
+    test = [row for row in rows if row["subset"] == "test"]
 
-    def mean(column: str) -> float:
-        return float(np.mean([row[column] for row in rows]))
+    def mean(column: str, chosen: list[dict] = test) -> float:
+        return float(np.mean([row[column] for row in chosen]))
 
     train_seconds = sum(entry["seconds"] for entry in history)
     summary = {f"dsc_{name.lower()}": mean(f"dsc_{name}") for name in suite.classes}
     summary |= {f"dsc_{name.lower()}_pp": mean(f"dsc_{name}_pp") for name in suite.classes}
     summary |= {"dsc_mean": mean("dsc_mean"), "dsc_mean_pp": mean("dsc_mean_pp")}
+    summary["dsc_mean_ci"] = list(bootstrap_ci([row["dsc_mean"] for row in test])[1:])
+    summary["val_dsc_mean"] = mean("dsc_mean", validation)
+    summary["val_dsc_mean_ci"] = list(bootstrap_ci([row["dsc_mean"] for row in validation])[1:])
+    summary["test_dsc_mean"], summary["test_dsc_mean_ci"] = summary["dsc_mean"], summary["dsc_mean_ci"]
     summary["hd95_mean"] = float(np.mean([mean(f"hd95_{name}") for name in suite.classes]))
     summary["hd95_mean_pp"] = float(np.mean([mean(f"hd95_{name}_pp") for name in suite.classes]))
+    summary["missed"] = int(sum(row[f"missed_{name}"] for row in test for name in suite.classes))
     if suite.classes == tuple(NNUNET):
         summary["gap_to_nnunet"] = float(np.mean(list(NNUNET.values()))) - summary["dsc_mean"]
     summary["best_val_dsc"] = max(entry["val_mean_dsc"] for entry in history)
@@ -240,7 +258,14 @@ def summarise(suite: Suite, rows: list[dict], history: list[dict]) -> dict:
     )
     summary["data_wait_share"] = sum(entry["data_seconds"] for entry in history) / train_seconds
     summary["inference_seconds_per_volume"] = mean("seconds")
-    summary["test_cases"] = len(rows)
+    summary["test_cases"], summary["validation_cases"] = len(test), len(validation)
+    summary["rows"] = {
+        subset: {
+            row["case"]: {k: v for k, v in row.items() if k.startswith(("dsc", "hd95_", "missed"))}
+            for row in chosen
+        }
+        for subset, chosen in (("validation", validation), ("test", test))
+    }
     return summary
 
 
@@ -286,15 +311,17 @@ def run_one(suite_name: str, name: str, seed: int, args: argparse.Namespace, dat
         histories.append(result["history"])
         run_dirs.append(Path(runs) / member_settings["run_name"])
     output = Path(runs) / run_name
-    rows = evaluate(run_dirs, subsets=["test"], output_dir=output / "inference")["rows"]
+    rows = evaluate(run_dirs, subsets=["validation", "test"], output_dir=output / "inference")["rows"]
     epochs = [len(history) for history in histories]
     record = {"config": name, "seed": seed, "budget_minutes": budget, "epochs": sum(epochs)}
     if members > 1:
         record["member_epochs"] = epochs
     record |= summarise(suite, rows, [entry for history in histories for entry in history])
     if settings.get("mirror_tta"):
-        plain = evaluate(run_dirs, subsets=["test"], output_dir=output / "inference-no-tta", mirror_tta=False)
-        record["dsc_mean_no_tta"] = float(np.mean([row["dsc_mean"] for row in plain["rows"]]))
+        plain = evaluate(
+            run_dirs, subsets=["validation"], output_dir=output / "inference-no-tta", mirror_tta=False
+        )
+        record["val_dsc_mean_no_tta"] = float(np.mean([row["dsc_mean"] for row in plain["rows"]]))
     record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         record["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -313,26 +340,102 @@ def record_key(record: dict) -> tuple:
     return record["config"], record["seed"], record["budget_minutes"], record["device"]
 
 
+def _cell(record: dict, key: str) -> str:
+    value = record.get(key)
+    if key in ("val_dsc_mean", "dsc_mean") and value is not None:
+        low, high = record[f"{key}_ci"]
+        return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+    if key == "config":
+        return f"**{value}** (chosen)" if record.get("chosen") else str(value)
+    if key == "data_wait_share":
+        return f"{100 * value:.1f}%"
+    if key == "device":
+        return value.removeprefix("CPU ").split(", 2 threads")[0]
+    if key == "budget_minutes":
+        return f"{value:g}"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
+    return str(value)
+
+
 def markdown(suite: Suite, records: list[dict]) -> str:
     """The results as a markdown table, one row per configuration and seed."""
     keys = columns(suite)
     lines = ["| " + " | ".join(title for _, title in keys) + " |", "|" + "---|" * len(keys)]
-    for record in records:
-        cells = []
-        for key, _ in keys:
-            value = record[key]
-            if key == "data_wait_share":
-                cells.append(f"{100 * value:.1f}%")
-            elif key == "device":
-                cells.append(value.removeprefix("CPU ").split(", 2 threads")[0])
-            elif key == "budget_minutes":
-                cells.append(f"{value:g}")
-            elif isinstance(value, float):
-                cells.append(f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}")
-            else:
-                cells.append(str(value))
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(_cell(record, key) for key, _ in keys) + " |" for record in records]
     return "\n".join(lines)
+
+
+PEER_MONAI = REPO / "benchmarks" / "results" / "peer_monai.json"
+PROTOCOL = REPO / "benchmarks" / "results" / "protocol.json"
+
+
+def choose(records: list[dict], budget: float) -> str:
+    """The configuration with the best mean validation DSC (over its seeds) at a budget; test unseen."""
+    by_config: dict[str, list[float]] = {}
+    for record in records:
+        if record["budget_minutes"] == budget and not record.get("peer"):
+            by_config.setdefault(record["config"], []).append(record["val_dsc_mean"])
+    summaries = [{"config": name, "validation": float(np.mean(values))} for name, values in by_config.items()]
+    return choose_by_validation(summaries, key="validation")["config"]
+
+
+def per_case(records: list[dict], subset: str = "test") -> dict[str, float]:
+    """Each case's mean DSC, averaged over the records (seeds) of one configuration."""
+    cases = records[0]["rows"][subset]
+    return {case: float(np.mean([r["rows"][subset][case]["dsc_mean"] for r in records])) for case in cases}
+
+
+def protocol(suite_name: str = "hippocampus", budget: float = 20) -> dict:
+    """Mark the chosen configuration, compare it with the MONAI peer of the same split, budget and machine,
+    and return the report's headline with everything it rests on (also written to results/protocol.json)."""
+    suite = SUITES[suite_name]
+    records = json.loads(suite.results.read_text())
+    chosen = choose(records, budget)
+    for record in records:
+        record["chosen"] = record["config"] == chosen and record["budget_minutes"] == budget
+    suite.results.write_text(json.dumps(records, indent=1) + "\n")
+    suite.results.with_suffix(".md").write_text(markdown(suite, records) + "\n")
+    mine = [r for r in records if r["chosen"]]
+    seeds = [r["dsc_mean"] for r in mine]
+    ours = per_case(mine)
+    mean, low, high = bootstrap_ci(list(ours.values()))
+    candidates = sorted({r["config"] for r in records if r["budget_minutes"] == budget and not r.get("peer")})
+    headline = (
+        f"Chosen by mean validation DSC among {len(candidates)} configurations trained for {budget:g} CPU "
+        f"minutes: `{chosen}`, test mean DSC {mean:.3f} (95% CI {low:.3f}-{high:.3f}, {len(ours)} cases"
+        + (f", seeds {', '.join(f'{v:.3f}' for v in seeds)}" if len(seeds) > 1 else "")
+        + ")"
+    )
+    summary = {"suite": suite_name, "budget_minutes": budget, "chosen": chosen, "candidates": candidates}
+    summary |= {"test_dsc_mean": mean, "test_dsc_mean_ci": [low, high], "seeds": seeds}
+    peers = json.loads(PEER_MONAI.read_text()) if PEER_MONAI.exists() else []
+    peers = [
+        peer
+        for peer in peers
+        if peer["budget_minutes"] == budget and not peer.get("quick") and peer["device"] == mine[0]["device"]
+    ]
+    if peers:
+        monai = {row["case"]: row["dsc_mean"] for row in peers[-1]["rows"]}
+        paired = paired_difference(ours, monai)
+        summary["monai"] = {
+            "test_dsc_mean": float(np.mean(list(monai.values()))),
+            "record": peers[-1]["date"],
+        }
+        summary["paired_difference"] = {
+            "mean": paired.mean_difference,
+            "ci": [paired.low, paired.high],
+            "wilcoxon_p": paired.wilcoxon_p,
+            "bootstrap_p": paired.bootstrap_p,
+        }
+        headline += (
+            f"; the plain MONAI 3D U-Net trained in the same run on the same split scores "
+            f"{summary['monai']['test_dsc_mean']:.3f}: paired difference {paired.mean_difference:+.3f} "
+            f"(95% CI {paired.low:+.3f} to {paired.high:+.3f}), {verdict(paired, 'ours', 'MONAI')}"
+        )
+    summary["headline"] = headline + "."
+    PROTOCOL.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,8 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one tiny epoch per configuration")
     parser.add_argument("--cases", type=int, help="use only the first N labelled cases (a smoke check)")
     parser.add_argument("--tuned", action="store_true", help="add channels-last and the poly schedule")
+    parser.add_argument("--protocol", action="store_true", help="choose by validation, compare with peers")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.protocol:
+        print(protocol(args.suite, args.budget)["headline"])
+        return 0
     suite = SUITES[args.suite]
     data = args.data or suite.data
     results = args.results or suite.results

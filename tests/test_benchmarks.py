@@ -36,8 +36,12 @@ def test_the_runner_completes_a_tiny_configuration_with_every_field_plausible(tm
     for record in records:
         for key, _ in run.columns(run.SUITES["hippocampus"]):
             assert key in record, key
-        for key in ("dsc_anterior", "dsc_posterior", "dsc_mean", "dsc_mean_pp"):
+        for key in ("dsc_anterior", "dsc_posterior", "dsc_mean", "dsc_mean_pp", "val_dsc_mean"):
             assert 0.0 <= record[key] <= 1.0, key
+        low, high = record["dsc_mean_ci"]
+        assert low <= record["dsc_mean"] <= high
+        assert len(record["rows"]["test"]) == record["test_cases"] == 2
+        assert len(record["rows"]["validation"]) == record["validation_cases"]
         for key in ("samples_per_second", "inference_seconds_per_volume", "peak_rss_mb"):
             assert record[key] > 0, key
         assert 0.0 <= record["data_wait_share"] < 1.0
@@ -47,10 +51,25 @@ def test_the_runner_completes_a_tiny_configuration_with_every_field_plausible(tm
     assert (tmp_path / "results.md").read_text().count("\n") == 4
 
 
+def test_the_runner_chooses_by_validation_even_when_another_configuration_is_better_on_test():
+    def record(config, seed, validation, test):
+        return {"config": config, "seed": seed, "budget_minutes": 20, "val_dsc_mean": validation, "dsc_mean": test}
+
+    records = [
+        record("better_on_test", 0, 0.80, 0.90),
+        record("better_on_test", 1, 0.81, 0.91),
+        record("better_on_validation", 0, 0.85, 0.86),
+        record("better_on_validation", 1, 0.84, 0.85),
+        record("other_budget", 0, 0.99, 0.99) | {"budget_minutes": 5},
+        record("a_peer", 0, 0.99, 0.99) | {"peer": "monai"},
+    ]
+    assert run.choose(records, 20) == "better_on_validation"
+
+
 @needs_real_data
 def test_an_ensemble_configuration_trains_members_on_shares_of_the_budget_and_tests_them_together(tmp_path):
     results, runs = tmp_path / "results.json", tmp_path / "runs"
-    name = "res_unet3d_fullres8_affine30_p32_intensity25_ensemble2"
+    name = "res_unet3d_fullres8_affine30_pfg_intensity25_ensemble2"
     arguments = ["--quick", "--cases", "10", "--configs", name, "--budget", "0.02", "--seeds", "3"]
     assert run.main([*arguments, "--results", str(results), "--runs", str(runs)]) == 0
     (record,) = json.loads(results.read_text())
@@ -61,7 +80,7 @@ def test_an_ensemble_configuration_trains_members_on_shares_of_the_budget_and_te
         args = json.loads((runs / f"{run_name}-member{member}" / "args.json").read_text())
         assert (args["seed"], args["time_budget_minutes"]) == (seed, 0.01)
     table = runs / run_name / "inference" / "dsc.csv"
-    assert len(table.read_text().splitlines()) == 1 + record["test_cases"]
+    assert len(table.read_text().splitlines()) == 1 + record["test_cases"] + record["validation_cases"]
 
 
 def test_a_missing_data_folder_is_refused_with_a_clear_message(tmp_path, capsys):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import engine
-from dataset import find_sources, prepare_cases, read_source, to_source_grid
+from dataset import Case, find_sources, prepare_cases, read_source, to_source_grid
 from engine import (
     TrainConfig,
     choose_postprocessing,
@@ -428,3 +428,13 @@ def test_prepared_cases_know_their_sources_again(tmp_path, hippocampus):
     source = read_source(case, plan, info)
     image, _ = read_volume(sources[0].image_paths[0])
     np.testing.assert_array_equal(source.image, image.astype(np.float32))
+
+
+def test_a_foreground_patch_is_the_largest_training_foreground_box_rounded_up():
+    cases = []
+    for extent in ((5, 9, 3), (7, 4, 12)):
+        label = np.zeros((20, 20, 20), np.uint8)
+        label[2 : 2 + extent[0], 3 : 3 + extent[1], 1 : 1 + extent[2]] = 1
+        cases.append(Case.from_arrays("c", np.zeros((1, 20, 20, 20), np.float32), label))
+    config = TrainConfig(patch_size="foreground")
+    assert engine.data_shapes(cases, config, divisor=8)["patch_size"] == [8, 16, 16]

@@ -745,3 +745,17 @@ def test_all_real_hippocampus_cases_load_with_matching_shapes_and_labels():
         stored_label_dtypes[stored] = stored_label_dtypes.get(stored, 0) + 1
     assert stored_image_dtypes == {"uint8": 55, "float32": 205}  # as the README says
     assert stored_label_dtypes == {"uint8": 258, "float32": 2}
+
+
+def test_keeping_large_components_never_harms_a_real_lung_mask_and_keeps_both_generated_lungs(tmp_path):
+    from synthetic import make_luna
+    from utils import dice_coefficient, postprocess
+
+    for path in sorted(require_shared("luna16-lung-masks").glob("*.mhd")):
+        lungs = lung_target(read_volume(path)[0], (3, 4))
+        assert dice_coefficient(postprocess(lungs, "large", [1]), lungs) == 1.0
+    root = make_luna(tmp_path, n_cases=1, shape=(40, 64, 64), seed=2)
+    (path,) = (root / "seg-lungs-LUNA16").glob("*.mhd")
+    lungs = lung_target(read_volume(path)[0], (3, 4))  # two separate lungs, as in most scans
+    assert dice_coefficient(postprocess(lungs, "largest", [1]), lungs) < 0.75  # one lung deleted
+    assert dice_coefficient(postprocess(lungs, "large", [1]), lungs) == 1.0
