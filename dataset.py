@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import tifffile
 import torch
 from skimage.transform import resize
@@ -56,6 +55,7 @@ from volumes import (
     find_nifti_cases,
     lung_target,
     read_dataset_info,
+    read_header,
     read_luna_case,
     read_nifti_case,
     resample,
@@ -422,17 +422,6 @@ class Case:
 # ---- plans: what depends on the data, decided from the training cases -----------------------------------
 
 
-def _header_spacing(path: Path) -> tuple[float, float, float]:
-    """A volume file's voxel spacing in array order (z, y, x), read from its header only."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise ValueError(f"could not read the header of {path}: {error}") from error
-    return tuple(float(s) for s in reversed(reader.GetSpacing()[:3]))
-
-
 def _spacing_setting(spacing: float | Sequence[float]) -> list[float]:
     values = [float(spacing)] * 3 if isinstance(spacing, int | float) else [float(s) for s in spacing]
     if len(values) != 3 or not all(v > 0 for v in values):
@@ -444,7 +433,7 @@ def _spacing_setting(spacing: float | Sequence[float]) -> list[float]:
 
 def median_spacing(sources: Sequence[NiftiCase]) -> list[float]:
     """The median voxel spacing (z, y, x) of the cases, from their headers (nnU-Net's target spacing)."""
-    spacings = np.array([_header_spacing(source.image_paths[0]) for source in sources])
+    spacings = np.array([read_header(source.image_paths[0])[0].spacing for source in sources])
     return [float(s) for s in np.median(spacings, axis=0)]
 
 

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 from skimage.draw import ellipse_perimeter
 
 from froc import Candidate, Finding, read_annotations, read_excluded
-from volumes import Geometry, LunaCase, find_luna_cases
+from volumes import Geometry, LunaCase, find_luna_cases, read_header
 
 ANNOTATIONS, EXCLUDED = "annotations.csv", "annotations_excluded.csv"
 NODULE_WINDOW = (-1200.0, 600.0)  # HU, as the seed detector (Liao et al. 2017)
@@ -41,25 +40,9 @@ class NoduleScan:
     excluded: tuple[Finding, ...]
 
 
-def header_geometry(path: Path) -> tuple[Geometry, tuple[int, int, int]]:
-    """A volume file's geometry and (D, H, W) shape, from its header only."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise ValueError(f"could not read the header of {path}: {error}") from error
-    geometry = Geometry(
-        spacing=tuple(reversed(reader.GetSpacing())),
-        origin=reader.GetOrigin(),
-        direction=reader.GetDirection(),
-    )
-    return geometry, tuple(int(s) for s in reversed(reader.GetSize()))
-
-
 def _check_inside(finding: Finding, scan: LunaCase) -> None:
     """ValueError naming the CSV line when an annotated centre lies outside its scan."""
-    geometry, shape = header_geometry(scan.ct_path)
+    geometry, shape = read_header(scan.ct_path)
     index = geometry.world_to_index([finding.x, finding.y, finding.z])
     if np.any(index < -0.5) or np.any(index > np.array(shape) - 0.5):
         raise ValueError(

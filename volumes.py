@@ -426,6 +426,24 @@ def check_finite(array: np.ndarray, source: str | Path) -> None:
         )
 
 
+def read_header(path: str | Path) -> tuple[Geometry, tuple[int, int, int]]:
+    """A volume file's geometry and (D, H, W) shape from its header alone (no voxel is read)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise ValueError(f"could not read the header of {path}: {error}") from error
+    dimension = reader.GetDimension()
+    matrix = np.array(reader.GetDirection()).reshape(dimension, dimension)[:3, :3]
+    geometry = Geometry(
+        spacing=tuple(reversed(reader.GetSpacing()[:3])),
+        origin=reader.GetOrigin()[:3],
+        direction=tuple(matrix.ravel()),
+    )
+    return geometry, tuple(int(s) for s in reversed(reader.GetSize()[:3]))
+
+
 def load_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """An image file as float32 (C, D, H, W) whatever its stored dtype (uint8, int16, float32...).
 

@@ -386,16 +386,14 @@ def per_case(records: list[dict], subset: str = "test") -> dict[str, float]:
     return {case: float(np.mean([r["rows"][subset][case]["dsc_mean"] for r in records])) for case in cases}
 
 
-def protocol(suite_name: str = "hippocampus", budget: float = 20) -> dict:
-    """Mark the chosen configuration, compare it with the MONAI peer of the same split, budget and machine,
-    and return the report's headline with everything it rests on (also written to results/protocol.json)."""
-    suite = SUITES[suite_name]
-    records = json.loads(suite.results.read_text())
+def protocol_summary(records: list[dict], peers: list[dict], budget: float) -> dict:
+    """The protocol's outcome from the records and the MONAI peer's records: which configuration the
+    validation cases choose, its test figures with their interval, the paired comparison with the peer
+    trained on the same split, budget and machine, and the report's headline sentence. Marks the records
+    of the chosen configuration `"chosen": true` (the others false)."""
     chosen = choose(records, budget)
     for record in records:
         record["chosen"] = record["config"] == chosen and record["budget_minutes"] == budget
-    suite.results.write_text(json.dumps(records, indent=1) + "\n")
-    suite.results.with_suffix(".md").write_text(markdown(suite, records) + "\n")
     mine = [r for r in records if r["chosen"]]
     seeds = [r["dsc_mean"] for r in mine]
     ours = per_case(mine)
@@ -404,23 +402,22 @@ def protocol(suite_name: str = "hippocampus", budget: float = 20) -> dict:
     headline = (
         f"Chosen by mean validation DSC among {len(candidates)} configurations trained for {budget:g} CPU "
         f"minutes: `{chosen}`, test mean DSC {mean:.3f} (95% CI {low:.3f}-{high:.3f}, {len(ours)} cases"
-        + (f", seeds {', '.join(f'{v:.3f}' for v in seeds)}" if len(seeds) > 1 else "")
+        + (f"; per seed {', '.join(f'{v:.3f}' for v in seeds)}, averaged per case" if len(seeds) > 1 else "")
         + ")"
     )
-    summary = {"suite": suite_name, "budget_minutes": budget, "chosen": chosen, "candidates": candidates}
-    summary |= {"test_dsc_mean": mean, "test_dsc_mean_ci": [low, high], "seeds": seeds}
-    peers = json.loads(PEER_MONAI.read_text()) if PEER_MONAI.exists() else []
-    peers = [
+    summary = {"budget_minutes": budget, "chosen": chosen, "candidates": candidates, "seeds": seeds}
+    summary |= {"test_dsc_mean": mean, "test_dsc_mean_ci": [low, high]}
+    same_run = [
         peer
         for peer in peers
         if peer["budget_minutes"] == budget and not peer.get("quick") and peer["device"] == mine[0]["device"]
     ]
-    if peers:
-        monai = {row["case"]: row["dsc_mean"] for row in peers[-1]["rows"]}
+    if same_run:
+        monai = {row["case"]: row["dsc_mean"] for row in same_run[-1]["rows"]}
         paired = paired_difference(ours, monai)
         summary["monai"] = {
             "test_dsc_mean": float(np.mean(list(monai.values()))),
-            "record": peers[-1]["date"],
+            "date": same_run[-1]["date"],
         }
         summary["paired_difference"] = {
             "mean": paired.mean_difference,
@@ -429,11 +426,23 @@ def protocol(suite_name: str = "hippocampus", budget: float = 20) -> dict:
             "bootstrap_p": paired.bootstrap_p,
         }
         headline += (
-            f"; the plain MONAI 3D U-Net trained in the same run on the same split scores "
+            f"; the plain MONAI 3D U-Net trained on the same split, machine and budget scores "
             f"{summary['monai']['test_dsc_mean']:.3f}: paired difference {paired.mean_difference:+.3f} "
             f"(95% CI {paired.low:+.3f} to {paired.high:+.3f}), {verdict(paired, 'ours', 'MONAI')}"
         )
     summary["headline"] = headline + "."
+    return summary
+
+
+def protocol(suite_name: str = "hippocampus", budget: float = 20) -> dict:
+    """Apply the protocol to the results files and write them back with the chosen record marked, the
+    table, and results/protocol.json (the headline report.md quotes)."""
+    suite = SUITES[suite_name]
+    records = json.loads(suite.results.read_text())
+    peers = json.loads(PEER_MONAI.read_text()) if PEER_MONAI.exists() else []
+    summary = {"suite": suite_name, **protocol_summary(records, peers, budget)}
+    suite.results.write_text(json.dumps(records, indent=1) + "\n")
+    suite.results.with_suffix(".md").write_text(markdown(suite, records) + "\n")
     PROTOCOL.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -53,7 +53,9 @@ def test_the_runner_completes_a_tiny_configuration_with_every_field_plausible(tm
 
 def test_the_runner_chooses_by_validation_even_when_another_configuration_is_better_on_test():
     def record(config, seed, validation, test):
-        return {"config": config, "seed": seed, "budget_minutes": 20, "val_dsc_mean": validation, "dsc_mean": test}
+        return {"config": config, "seed": seed, "budget_minutes": 20, "val_dsc_mean": validation} | {
+            "dsc_mean": test
+        }
 
     records = [
         record("better_on_test", 0, 0.80, 0.90),

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from dataset import find_sources, make_plan, prepare_cases
-from detection import circles, find_candidates, find_nodule_scans, header_geometry, nodule_mask
+from detection import circles, find_candidates, find_nodule_scans, nodule_mask
 from engine import TrainConfig, detection_score, evaluate, scan_candidates, train
 from froc import Finding, read_candidates
 from synthetic import make_luna
-from volumes import Geometry
+from volumes import Geometry, read_header
 
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -55,7 +55,7 @@ def test_candidates_are_the_peaks_at_sub_voxel_world_positions_suppressed_and_li
 
 def test_a_perfect_probability_map_finds_every_nodule_in_world_mm_through_flipped_scans(luna, tmp_path):
     sources, info = find_sources("luna_nodules", luna)
-    directions = {header_geometry(source.scan.ct_path)[0].direction for source in sources}
+    directions = {read_header(source.scan.ct_path)[0].direction for source in sources}
     assert FLIPPED in directions and len(directions) == 2
     plan = make_plan("luna_nodules", sources, info, spacing=2.0)
     cases = prepare_cases(sources, plan, info, tmp_path / "cache", workers=1)
