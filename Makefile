@@ -22,7 +22,7 @@ demo: install
 	$(PY) -m papermill --log-output --cwd . train.ipynb runs/$(RUN)/train.ipynb -p run_name $(RUN) && \
 	$(PY) -m papermill --log-output --cwd . inference.ipynb runs/$(RUN)/inference.ipynb -p run_dir runs/$(RUN) && \
 	$(PY) benchmarks/demo_summary.py runs/$(RUN) --seconds $$(( $$(date +%s) - start )) \
-		$(if $(filter demo,$(RUN)),,--output runs/$(RUN)/demo.json)
+		--unseen $(if $(filter demo,$(RUN)),,--output runs/$(RUN)/demo.json)
 
 test: install
 	$(PY) -m pytest

@@ -83,6 +83,18 @@ def broadcast(context: Context, value: Any) -> Any:
     return holder[0]
 
 
+def sync_buffers(context: Context, module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (batch-norm running statistics).
+
+    DistributedDataParallel copies them from rank 0 before each forward pass, but the last step of an
+    epoch updates each rank's copy from its own share of the batch; without SyncBatchNorm (the CPU) the
+    ranks would validate, and end, with different statistics.
+    """
+    if context.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def teardown(context: Context) -> None:
     """Leave the process group (at the end of a launched run)."""
     if context.distributed and dist.is_initialized():

@@ -648,6 +648,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
                 out_of_time = distributed.broadcast(context, out_of_time)  # every rank stops at the same step
             if out_of_time:
                 break
+        distributed.sync_buffers(context, model)
         step_losses = torch.stack(losses).float().cpu().tolist()
         if context.distributed:  # the mean over ranks: what one process with the whole batch would see
             step_losses = np.mean(distributed.gather(context, step_losses), axis=0).tolist()

@@ -142,3 +142,21 @@ def test_the_error_summary_counts_confusions_and_finds_errors_on_the_boundary():
     assert summary["share_within_one_voxel_of_the_boundary"] == pytest.approx(1 / 3)
     assert summary["share_between_foreground_classes"] == pytest.approx(1 / 3)
     np.testing.assert_array_equal(errors.bounding_box_sizes([truth, predicted]), [[3, 3, 3], [5, 5, 5]])
+
+
+def test_the_reports_headline_and_protocol_table_are_generated_from_the_results_files():
+    records = json.loads(run.SUITES["hippocampus"].results.read_text())
+    peers = json.loads(run.PEER_MONAI.read_text())
+    summary = run.protocol_summary(records, peers, budget=20)
+    assert summary == {k: v for k, v in json.loads(run.PROTOCOL.read_text()).items() if k != "suite"}
+    report = (REPO / "report.md").read_text()
+    assert summary["headline"] in report
+    match = re.search("<!-- protocol table -->\n(.*?)\n<!-- end protocol table -->", report, re.S)
+    assert match and match.group(1).strip() == run.markdown(run.SUITES["hippocampus"], records)
+
+
+def test_the_readme_quotes_the_demo_results_file():
+    import demo_summary
+
+    record = json.loads(demo_summary.RESULT.read_text())
+    assert demo_summary.sentence(record) in (REPO / "README.md").read_text()

@@ -117,6 +117,13 @@ def test_two_processes_train_the_run_of_one_process_and_only_rank_0_writes(
     assert args["world_size"] == 2 and network.training is False
 
 
+def test_ranks_end_with_the_same_batch_norm_statistics_on_the_cpu(tmp_path, data):
+    config = settings_file(tmp_path, data, run_name="batchnorm", model="res_unet", epochs=1)
+    launch(config, 2)
+    result = json.loads((tmp_path / "runs" / "batchnorm" / "result.json").read_text())
+    assert len(result["rank_weights"]) == 2 and len(set(result["rank_weights"])) == 1
+
+
 def test_a_two_process_run_resumes_with_two_processes_to_the_uninterrupted_result(tmp_path, data):
     options = {"model": "res_unet", "model_options": {"norm": "instance"}}
     whole = settings_file(tmp_path, data, run_name="whole", **options)
