@@ -117,8 +117,8 @@ SUITES = {
             },
             "res_unet3d_fullres8_affine30": FULL_RESOLUTION,
             "res_unet3d_fullres8_affine30_pfg": SMALL_PATCHES,
-            # The earlier rows' fixed patch, read off every label: only to time the memory-mapped cache against
-            # the in-RAM one of commit d8e582e like for like (benchmarks/cache_speed.sh); never a candidate.
+            # The earlier rows' fixed patch, read off every label: only to time the memory-mapped cache
+            # against the in-RAM one of commit d8e582e like for like (cache_speed.sh); never a candidate.
             "res_unet3d_fullres8_affine30_p32_speed_only": {**FULL_RESOLUTION, "patch_size": [32, 48, 32]},
             # Wider at every level: for a CPU fast enough to reach the narrow network's plateau in 20 minutes.
             "res_unet3d_fullres8_affine30_pfg_f24": {**SMALL_PATCHES, "init_features": 24},
