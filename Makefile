@@ -39,7 +39,7 @@ tensorboard: install
 # split, and `--protocol` marks the chosen record and writes the headline (report.md, "Protocol").
 CANDIDATES := res_unet3d_fullres8_affine30_pfg res_unet3d_fullres8_affine30_pfg_intensity25 \
 	res_unet3d_fullres8_affine30_pfg_intensity25_ensemble2
-CHOSEN ?= res_unet3d_fullres8_affine30_pfg_intensity25_ensemble2
+CHOSEN ?= res_unet3d_fullres8_affine30_pfg_intensity25  # what --protocol chose from the seed-0 runs
 bench: install
 	$(PY) benchmarks/run.py --configs $(CANDIDATES) --budget 20 --tuned --seeds 0
 	$(PY) benchmarks/peers.py monai --budget 20
