@@ -812,6 +812,17 @@ def _figures(case: Case, source, shown: np.ndarray, truth: np.ndarray | None, fo
     save_case_figures(case.case_id, image, pred, truth, out_dir=folder, slice_names=list(names[present]))
 
 
+def plot_subsets(rows: list[dict], output: Path, name: str) -> None:
+    """Per-case DSC bar plots, one per subset, so that no mean mixes validation and test cases: dsc.png
+    shows the test cases (or the only subset predicted), dsc-<subset>.png each other subset."""
+    subsets = list(dict.fromkeys(row["subset"] for row in rows))
+    primary = "test" if "test" in subsets else subsets[0]
+    for subset in subsets:
+        chosen = [row for row in rows if row["subset"] == subset]
+        path = output / ("dsc.png" if subset == primary else f"dsc-{subset}.png")
+        plot_dsc(chosen, path, title=f"{name}\nper-case DSC, {subset} ({len(chosen)} cases)")
+
+
 def evaluate(
     run_dir: str | Path | Sequence[str | Path],
     data_dir: str | None = None,
@@ -888,7 +899,7 @@ def evaluate(
             rows.append({"subset": wanted[case.case_id], **row, "hd95_unit": unit, "seconds": seconds})
     if rows:
         write_metrics_csv(rows, output / "dsc.csv")
-        plot_dsc(rows, output / "dsc.png", title=f"{name}\nper-case DSC")
+        plot_subsets(rows, output, name)
         for subset in dict.fromkeys(row["subset"] for row in rows):
             chosen = [row for row in rows if row["subset"] == subset]
             raw = np.mean([row["dsc_mean"] for row in chosen])

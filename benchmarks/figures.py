@@ -1,8 +1,9 @@
 """The report's figures from one evaluated run: per-case DSC plot, best/median/worst overlays, a GIF.
 
-Reads `<run>/inference/dsc.csv` and the overlay PNGs and GIFs that `engine.evaluate` wrote, picks the test
-cases with the best, median and worst mean DSC, and for each the slice with the most predicted or true
-foreground, enlarged (nearest neighbour) so that small hippocampus slices stay readable. Writes to report/.
+Reads the test rows of `<run>/inference/dsc.csv` and the overlay PNGs and GIFs that `engine.evaluate`
+wrote, plots the test cases' DSC, picks those with the best, median and worst mean DSC, and for each the
+slice with the most predicted or true foreground, enlarged (nearest neighbour) so that small hippocampus
+slices stay readable. Writes to report/.
 
     .venv/bin/python benchmarks/figures.py runs/benchmarks/hippocampus-unet2d-3min-seed0
 """
@@ -10,7 +11,6 @@ foreground, enlarged (nearest neighbour) so that small hippocampus slices stay r
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from utils import read_metrics_csv  # noqa: E402
+from utils import plot_dsc, read_metrics_csv  # noqa: E402
 
 SCALE = 4
 
@@ -45,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "report")
     args = parser.parse_args(argv)
     inference = args.run_dir / "inference"
-    rows = sorted(read_metrics_csv(inference / "dsc.csv"), key=lambda row: row["dsc_mean"])
+    rows = [row for row in read_metrics_csv(inference / "dsc.csv") if row.get("subset", "test") == "test"]
+    if not rows:
+        parser.error(f"{inference / 'dsc.csv'} has no test cases")
+    rows.sort(key=lambda row: row["dsc_mean"])
     args.out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(inference / "dsc.png", args.out / "dsc.png")
+    plot_dsc(rows, args.out / "dsc.png", title=f"{args.run_dir.name}\nper-case DSC, test ({len(rows)} cases)")
     picks = {"worst": rows[0], "median": rows[len(rows) // 2], "best": rows[-1]}
     for label, row in picks.items():
         source = busiest_slice(inference / "predictions", row["case"])

@@ -390,6 +390,28 @@ def per_case(records: list[dict], subset: str = "test") -> dict[str, float]:
     return {case: float(np.mean([r["rows"][subset][case]["dsc_mean"] for r in records])) for case in cases}
 
 
+def candidate_comparisons(records: list[dict], chosen: str, budget: float) -> dict[str, dict]:
+    """The chosen configuration against each other candidate on the test cases, paired over the cases of
+    the selection seed's runs: reported after the choice, never used for it."""
+    selection = {
+        r["config"]: per_case([r])
+        for r in records
+        if r["budget_minutes"] == budget and r["seed"] == SELECTION_SEED and not r.get("peer")
+    }
+    comparisons = {}
+    for config, cases in sorted(selection.items()):
+        if config == chosen:
+            continue
+        paired = paired_difference(selection[chosen], cases)
+        comparisons[config] = {
+            "mean": paired.mean_difference,
+            "ci": [paired.low, paired.high],
+            "wilcoxon_p": paired.wilcoxon_p,
+            "verdict": verdict(paired, "chosen", "other"),
+        }
+    return comparisons
+
+
 def protocol_summary(records: list[dict], peers: list[dict], budget: float) -> dict:
     """The protocol's outcome from the records and the MONAI peer's records: which configuration the
     validation cases choose, its test figures with their interval, the paired comparison with the peer
@@ -411,6 +433,7 @@ def protocol_summary(records: list[dict], peers: list[dict], budget: float) -> d
     )
     summary = {"budget_minutes": budget, "chosen": chosen, "candidates": candidates, "seeds": seeds}
     summary |= {"test_dsc_mean": mean, "test_dsc_mean_ci": [low, high]}
+    summary["against_candidates"] = candidate_comparisons(records, chosen, budget)
     same_run = [
         peer
         for peer in peers

@@ -68,6 +68,28 @@ def test_the_runner_chooses_by_validation_even_when_another_configuration_is_bet
     assert run.choose(records, 20) == "better_on_validation"
 
 
+def test_the_chosen_configuration_is_compared_with_each_other_candidate_on_the_same_test_cases():
+    def record(config, seed, test_per_case):
+        rows = {case: {"dsc_mean": value} for case, value in test_per_case.items()}
+        return {"config": config, "seed": seed, "budget_minutes": 20, "rows": {"test": rows}}
+
+    cases = [f"case{i}" for i in range(12)]
+    chosen = dict(zip(cases, np.linspace(0.80, 0.90, 12), strict=True))
+    records = [
+        record("chosen", 0, chosen),
+        record("chosen", 1, {case: 0.0 for case in cases}),  # a further seed: not in the comparison
+        record("worse_everywhere", 0, {case: value - 0.01 for case, value in chosen.items()}),
+        record("equal", 0, chosen),
+    ]
+    comparisons = run.candidate_comparisons(records, "chosen", budget=20)
+    assert set(comparisons) == {"worse_everywhere", "equal"}
+    worse = comparisons["worse_everywhere"]
+    assert worse["mean"] == pytest.approx(0.01) and worse["ci"] == pytest.approx([0.01, 0.01])
+    assert worse["verdict"].startswith("chosen better than other")
+    assert comparisons["equal"]["mean"] == 0.0
+    assert comparisons["equal"]["verdict"].startswith("no significant difference")
+
+
 @needs_real_data
 def test_an_ensemble_configuration_trains_members_on_shares_of_the_budget_and_tests_them_together(tmp_path):
     results, runs = tmp_path / "results.json", tmp_path / "runs"

@@ -438,3 +438,16 @@ def test_a_foreground_patch_is_the_largest_training_foreground_box_rounded_up():
         cases.append(Case.from_arrays("c", np.zeros((1, 20, 20, 20), np.float32), label))
     config = TrainConfig(patch_size="foreground")
     assert engine.data_shapes(cases, config, divisor=8)["patch_size"] == [8, 16, 16]
+
+
+def test_the_dsc_plots_never_mix_validation_and_test_cases(tmp_path, monkeypatch):
+    plotted = {}
+    monkeypatch.setattr(engine, "plot_dsc", lambda rows, path, title: plotted.setdefault(path.name, rows))
+    rows = [{"case": f"v{i}", "subset": "validation", "dsc_mean": 0.9} for i in range(3)]
+    rows += [{"case": f"t{i}", "subset": "test", "dsc_mean": 0.5} for i in range(2)]
+    engine.plot_subsets(rows, tmp_path, "run")
+    assert {row["case"] for row in plotted["dsc.png"]} == {"t0", "t1"}
+    assert {row["case"] for row in plotted["dsc-validation.png"]} == {"v0", "v1", "v2"}
+    plotted.clear()
+    engine.plot_subsets(rows[:3], tmp_path, "run")
+    assert list(plotted) == ["dsc.png"]
