@@ -45,6 +45,9 @@ bench: install
 	$(PY) benchmarks/peers.py monai --budget 20
 	$(PY) benchmarks/run.py --configs $(CHOSEN) --budget 20 --tuned --seeds 1 2
 	$(PY) benchmarks/run.py --protocol --budget 20
+	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-$(strip $(CHOSEN))_tuned-20min-seed0
+	bash benchmarks/cache_speed.sh
+	$(PY) benchmarks/reference_comparison.py --epochs 2 --image-size 128
 	$(PY) benchmarks/peers.py reference --epochs 2 --image-size 128
 	$(PY) benchmarks/run.py --suite brain --budget 2
 	$(PY) benchmarks/preprocessing.py
