@@ -376,11 +376,18 @@ PROTOCOL = REPO / "benchmarks" / "results" / "protocol.json"
 SELECTION_SEED = 0  # every configuration is trained with this seed; only those runs choose
 
 
+def selection_runs(records: list[dict], budget: float, seed: int = SELECTION_SEED) -> list[dict]:
+    """The project's runs at a budget with the selection seed: one per configuration."""
+    return [r for r in records if r["budget_minutes"] == budget and r["seed"] == seed and not r.get("peer")]
+
+
 def choose(records: list[dict], budget: float, seed: int = SELECTION_SEED) -> str:
     """The configuration with the best validation DSC at a budget, from one run of each (the same seed
     for all, so that a configuration run more often has no advantage); test figures are never read."""
-    runs = [r for r in records if r["budget_minutes"] == budget and r["seed"] == seed and not r.get("peer")]
-    summaries = [{"config": r["config"], "validation": r["val_dsc_mean"]} for r in runs]
+    summaries = [
+        {"config": r["config"], "validation": r["val_dsc_mean"]}
+        for r in selection_runs(records, budget, seed)
+    ]
     return choose_by_validation(summaries, key="validation")["config"]
 
 
@@ -393,11 +400,7 @@ def per_case(records: list[dict], subset: str = "test") -> dict[str, float]:
 def candidate_comparisons(records: list[dict], chosen: str, budget: float) -> dict[str, dict]:
     """The chosen configuration against each other candidate on the test cases, paired over the cases of
     the selection seed's runs: reported after the choice, never used for it."""
-    selection = {
-        r["config"]: per_case([r])
-        for r in records
-        if r["budget_minutes"] == budget and r["seed"] == SELECTION_SEED and not r.get("peer")
-    }
+    selection = {r["config"]: per_case([r]) for r in selection_runs(records, budget)}
     comparisons = {}
     for config, cases in sorted(selection.items()):
         if config == chosen:
