@@ -36,7 +36,7 @@ from skimage.transform import resize
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
-from cache import cached, entry_folder, read_array
+from cache import array_layout, cached, entry_folder, read_array
 from detection import (
     LUNG_MARGIN_MM,
     NODULE_WINDOW,
@@ -344,6 +344,7 @@ class Case:
         self.folder = folder
         self.arrays = arrays or {}
         self.origin = origin
+        self.layouts: dict = {}  # where each cached array lies in its file, read once per process
 
     @classmethod
     def from_arrays(
@@ -375,7 +376,9 @@ class Case:
     def _array(self, name: str) -> np.ndarray:
         if self.folder is None:
             return self.arrays[name]
-        return read_array(self.folder, name)
+        if name not in self.layouts:
+            self.layouts[name] = array_layout(self.folder, name)
+        return read_array(self.folder, name, self.layouts[name])
 
     @property
     def case_id(self) -> str:

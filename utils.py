@@ -132,6 +132,22 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
+def _union_box(first: np.ndarray, second: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of two masks' union, one voxel wider on each side where the image allows.
+
+    Every surface voxel of either mask lies inside it, and the extra voxel keeps each surface what it is
+    in the whole image, so distances between surfaces computed within the box are exact. On a real-size
+    CT the box of a liver is a few times smaller than the scan, and the distance transforms' memory
+    (about 20 bytes per voxel) shrinks with it.
+    """
+    union = first | second
+    box = []
+    for axis in range(union.ndim):
+        present = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(max(int(present[0]) - 1, 0), int(present[-1]) + 2))
+    return tuple(box)
+
+
 def hausdorff95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """95th-percentile symmetric Hausdorff distance between the surfaces of two binary masks.
 
@@ -150,6 +166,8 @@ def hausdorff95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | 
         raise ValueError(f"spacing must hold {pred.ndim} positive voxel sizes (one per axis), got {spacing}")
     if not pred.any() or not truth.any():
         return float("nan")
+    box = _union_box(pred, truth)
+    pred, truth = pred[box], truth[box]
     pred_surface = _surface(pred)
     truth_surface = _surface(truth)
     distance_to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=spacing)
@@ -489,7 +507,9 @@ def save_case_figures(
     frames distinct, since Pillow's GIF writer merges identical consecutive frames. Returns the
     PNG paths in slice order, then the GIF.
     """
-    gray_volume = np.asarray(gray_volume, dtype=np.float64)
+    gray_volume = np.asarray(gray_volume)
+    if not np.issubdtype(gray_volume.dtype, np.floating):
+        gray_volume = gray_volume.astype(np.float32)
     if gray_volume.ndim != 3:
         raise ValueError(
             f"gray_volume must be (D, H, W), got shape {gray_volume.shape}; "
@@ -509,18 +529,17 @@ def save_case_figures(
         raise ValueError(f"fps must be positive, got {fps}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vmin = float(np.percentile(gray_volume, 1))
-    vmax = float(np.percentile(gray_volume, 99))
-    frames = []
+    vmin, vmax = (float(v) for v in np.percentile(gray_volume, [1, 99]))
     paths = []
-    for d in range(depth):
-        frame = overlay(gray_volume[d], pred[d], None if truth is None else truth[d], vmin=vmin, vmax=vmax)
-        png_path = out_dir / f"{case_id}-{slice_names[d]}.png"
-        iio.imwrite(png_path, frame)
-        frames.append(_with_position_bar(frame, d, depth))
-        paths.append(png_path)
     gif_path = out_dir / f"{case_id}.gif"
-    iio.imwrite(gif_path, np.stack(frames), extension=".gif", duration=1000.0 / fps, loop=0)
+    with iio.imopen(gif_path, "w", extension=".gif") as gif:  # frames added one at a time, not stacked
+        for d in range(depth):
+            truth_slice = None if truth is None else truth[d]
+            frame = overlay(gray_volume[d], pred[d], truth_slice, vmin=vmin, vmax=vmax)
+            png_path = out_dir / f"{case_id}-{slice_names[d]}.png"
+            iio.imwrite(png_path, frame)
+            gif.write(_with_position_bar(frame, d, depth), is_batch=False, duration=1000.0 / fps, loop=0)
+            paths.append(png_path)
     paths.append(gif_path)
     return paths
 

@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import tracemalloc
 
 import imageio.v3 as iio
 import numpy as np
@@ -147,6 +148,26 @@ def test_hd95_matches_medpy_on_irregular_blobs():
     spacing = (3.0, 0.8, 1.1)
     expected = medpy_hd95(pred, truth, voxelspacing=spacing)
     assert utils.hausdorff95(pred, truth, spacing) == pytest.approx(expected)
+
+
+def test_hd95_of_small_masks_in_a_large_image_matches_medpy_and_works_on_their_box_only():
+    # The truth touches the image's last face (an edge surface) and the prediction is 30 voxels away:
+    # the box around both must give medpy's whole-image figure, and the distance transforms must not
+    # be sized by the 4-million-voxel image (whole-image transforms would take over 80 MB).
+    shape = (64, 256, 256)
+    truth = np.zeros(shape, bool)
+    truth[50:64, 100:130, 200:256] = True
+    pred = np.zeros(shape, bool)
+    pred[20:40, 90:120, 180:240] = True
+    pred[30, 60, 60] = True
+    spacing = (2.5, 0.7, 0.8)
+    expected = medpy_hd95(pred, truth, voxelspacing=spacing)
+    tracemalloc.start()
+    found = utils.hausdorff95(pred, truth, spacing)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert found == pytest.approx(expected)
+    assert peak < 40e6
 
 
 def test_hd95_rejects_a_spacing_of_the_wrong_length():
