@@ -67,9 +67,7 @@ def array_layout(folder: Path, name: str) -> Layout:
     with open(folder / f"{name}.npy", "rb") as file:
         version = np.lib.format.read_magic(file)
         read_header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         )
         shape, fortran_order, dtype = read_header(file)
         if fortran_order:
