@@ -48,7 +48,6 @@ bench: install
 	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-$(strip $(CHOSEN))_tuned-20min-seed0
 	bash benchmarks/cache_speed.sh
 	$(PY) benchmarks/reference_comparison.py --epochs 2 --image-size 128
-	$(PY) benchmarks/peers.py reference --epochs 2 --image-size 128
 	$(PY) benchmarks/run.py --suite brain --budget 2
 	$(PY) benchmarks/preprocessing.py
 	$(PY) benchmarks/scale.py --data /tmp/lits-standin

@@ -137,8 +137,7 @@ def _union_box(first: np.ndarray, second: np.ndarray) -> tuple[slice, ...]:
 
     Every surface voxel of either mask lies inside it, and the extra voxel keeps each surface what it is
     in the whole image, so distances between surfaces computed within the box are exact. On a real-size
-    CT the box of a liver is a few times smaller than the scan, and the distance transforms' memory
-    (about 20 bytes per voxel) shrinks with it.
+    CT the box of a liver is a few times smaller than the scan, and the work shrinks with it.
     """
     union = first | second
     box = []
@@ -167,13 +166,41 @@ def hausdorff95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | 
     if not pred.any() or not truth.any():
         return float("nan")
     box = _union_box(pred, truth)
-    pred, truth = pred[box], truth[box]
-    pred_surface = _surface(pred)
-    truth_surface = _surface(truth)
-    distance_to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=spacing)
-    distance_to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)
-    distances = np.concatenate([distance_to_truth[pred_surface], distance_to_pred[truth_surface]])
-    return float(np.percentile(distances, 95))
+    pred_surface, truth_surface = _surface(pred[box]), _surface(truth[box])
+    distances = np.concatenate(
+        [
+            surface_distances(pred_surface, truth_surface, spacing),
+            surface_distances(truth_surface, pred_surface, spacing),
+        ]
+    )
+    return float(np.percentile(distances, 95, overwrite_input=True))
+
+
+DISTANCE_CHUNK = 1 << 18  # voxels scanned for points at once
+
+
+def surface_distances(points: np.ndarray, surface: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Euclidean distance (spacing units, float32) from each voxel of the mask `points` to the nearest
+    voxel of the mask `surface` (same shape), in C order of the points.
+
+    scipy's transform gives the nearest surface voxel of every voxel (int32 indices, 4 bytes per voxel and
+    axis); the distances are then computed at the points only, slab by slab, rather than for the whole
+    volume (8 more bytes per voxel: 0.8 GB on a 512 x 512 x 400 CT).
+    """
+    nearest = ndimage.distance_transform_edt(
+        ~surface, sampling=spacing, return_distances=False, return_indices=True
+    )
+    rows = max(1, DISTANCE_CHUNK // math.prod(points.shape[1:]))
+    parts = []
+    for first in range(0, points.shape[0], rows):
+        where = np.nonzero(points[first : first + rows])
+        where = (where[0] + first, *where[1:])
+        squared = sum(
+            ((nearest[axis][where] - index) * step) ** 2
+            for axis, (index, step) in enumerate(zip(where, spacing, strict=True))
+        )
+        parts.append(np.sqrt(squared).astype(np.float32))
+    return np.concatenate(parts)
 
 
 def hd95_penalty(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from medpy.metric.binary import hd95 as medpy_hd95
+from scipy import ndimage
 
 import utils
 
@@ -141,11 +142,11 @@ def test_hd95_is_nan_when_a_mask_is_empty():
     assert math.isnan(utils.hausdorff95(mask, mask, (1.0, 1.0)))
 
 
-def test_hd95_matches_medpy_on_irregular_blobs():
+@pytest.mark.parametrize(("shape", "spacing"), [((8, 12, 12), (3.0, 0.8, 1.1)), ((20, 16), (0.9, 1.3))])
+def test_hd95_matches_medpy_on_irregular_blobs(shape, spacing):
     rng = np.random.default_rng(0)
-    pred = rng.random((8, 12, 12)) > 0.7
-    truth = rng.random((8, 12, 12)) > 0.6
-    spacing = (3.0, 0.8, 1.1)
+    pred = rng.random(shape) > 0.7
+    truth = rng.random(shape) > 0.6
     expected = medpy_hd95(pred, truth, voxelspacing=spacing)
     assert utils.hausdorff95(pred, truth, spacing) == pytest.approx(expected)
 
@@ -168,6 +169,25 @@ def test_hd95_of_small_masks_in_a_large_image_matches_medpy_and_works_on_their_b
     tracemalloc.stop()
     assert found == pytest.approx(expected)
     assert peak < 40e6
+
+
+def test_hd95_of_a_prediction_spread_over_the_whole_image_is_exact_in_less_memory_than_a_transform():
+    # An untrained network's noise: the box is the whole image, so only the lean transform saves memory
+    # (scipy's full distance transform of one surface takes about 49 bytes per voxel).
+    shape = (48, 192, 192)
+    pred = np.random.default_rng(1).random(shape) > 0.5
+    truth = np.zeros(shape, bool)
+    truth[10:20, 40:70, 50:90] = True
+    spacing = (2.0, 0.7, 0.7)
+    tracemalloc.start()
+    ndimage.distance_transform_edt(~truth, sampling=spacing)
+    transform_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    found = utils.hausdorff95(pred, truth, spacing)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert found == pytest.approx(medpy_hd95(pred, truth, voxelspacing=spacing), rel=1e-6)
+    assert peak < 0.6 * transform_peak
 
 
 def test_hd95_rejects_a_spacing_of_the_wrong_length():
