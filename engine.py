@@ -887,16 +887,17 @@ def evaluate(
         predicted = to_source_grid(case, _ensemble_probabilities(case, runs, torch_device))
         seconds = time.perf_counter() - started
         source = read_source(case, args["plan"], info)
-        final = postprocess(predicted, method, list(info.class_names))
-        _figures(case, source, final, None if source.label is None else source.label, output / "predictions")
-        if source.geometry is not None:
-            write_prediction(final, source.geometry, output / "labels", f"{case.case_id}{suffix}")
         if source.label is not None:
             row = case_metrics(
                 case.case_id, predicted, source.label, info.class_names, source.spacing, method
             )
             unit = "px" if source.spacing is None else "mm"
             rows.append({"subset": wanted[case.case_id], **row, "hd95_unit": unit, "seconds": seconds})
+        final = postprocess(predicted, method, list(info.class_names))
+        del predicted  # a source-size volume: one case's arrays at a time
+        _figures(case, source, final, source.label, output / "predictions")
+        if source.geometry is not None:
+            write_prediction(final, source.geometry, output / "labels", f"{case.case_id}{suffix}")
     if rows:
         write_metrics_csv(rows, output / "dsc.csv")
         plot_subsets(rows, output, name)
