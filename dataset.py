@@ -522,20 +522,27 @@ def make_plan(
 
 
 def normalise_channels(image: np.ndarray, channels: Sequence[dict]) -> np.ndarray:
-    """(C, D, H, W) float32 normalised per channel as the plan says."""
+    """(C, D, H, W) float32 normalised per channel as the plan says, in place: a real-size CT is not
+    copied (its reader's fresh array is overwritten and returned)."""
     if len(image) != len(channels):
         raise ValueError(f"the image has {len(image)} channel(s), the plan expects {len(channels)}")
-    out = np.empty(image.shape, np.float32)
-    for index, (channel, rule) in enumerate(zip(image, channels, strict=True)):
+    if image.dtype != np.float32 or not image.flags.writeable:
+        image = image.astype(np.float32)
+    for channel, rule in zip(image, channels, strict=True):
         if rule["scheme"] == "window":
-            out[index] = window_ct(channel, *rule["window"])
+            low, high = rule["window"]
+            if not high > low:
+                raise ValueError(f"the CT window needs low < high, got low={low}, high={high}")
+            np.clip(channel, low, high, out=channel)
+            channel -= np.float32(low)
+            channel /= np.float32(high - low)
         elif rule["scheme"] == "ct":
-            np.clip(channel, *rule["clip"], out=out[index])
-            out[index] -= rule["mean"]
-            out[index] /= rule["std"]
+            np.clip(channel, *rule["clip"], out=channel)
+            channel -= rule["mean"]
+            channel /= rule["std"]
         else:
-            out[index] = zscore(channel[None])[0]
-    return out
+            channel[...] = zscore(channel[None])[0]
+    return image
 
 
 # ---- building cases ---------------------------------------------------------------------------------------

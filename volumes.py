@@ -497,7 +497,10 @@ def _as_label_map(array: np.ndarray, allowed_labels: Iterable[int], source: str)
         array = rounded
     elif not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
         raise ValueError(f"{source}: a label map must hold integers, got dtype {array.dtype}")
-    outside = ~np.isin(array, allowed)
+    # One comparison per allowed label, 2 bytes per voxel; np.isin takes 12 (0.9 GB for a CT).
+    outside = np.ones(array.shape, bool)
+    for label in allowed:
+        outside &= array != label
     if outside.any():
         values = np.unique(array[outside])
         shown = [int(v) for v in values[:10]]
