@@ -75,13 +75,13 @@ def array_layout(folder: Path, name: str) -> Layout:
         return file.tell(), dtype.str, tuple(shape)
 
 
-def read_array(folder: Path, name: str, layout: Layout | None = None) -> np.ndarray:
+def read_array(folder: Path, name: str, layout: Layout) -> np.ndarray:
     """One array of an entry, memory-mapped read-only: pages are read from disk only when touched.
 
-    Given the array's `array_layout`, the header is not parsed again: opening is then a few times
+    The array's `array_layout`, read once, spares parsing the header again: opening is then a few times
     cheaper, which matters when every training patch opens its case.
     """
-    offset, dtype, shape = layout or array_layout(folder, name)
+    offset, dtype, shape = layout
     if math.prod(shape) == 0:
         return np.empty(shape, dtype)
     return np.memmap(folder / f"{name}.npy", dtype=dtype, mode="r", offset=offset, shape=shape)

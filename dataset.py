@@ -530,12 +530,7 @@ def normalise_channels(image: np.ndarray, channels: Sequence[dict]) -> np.ndarra
         image = image.astype(np.float32)
     for channel, rule in zip(image, channels, strict=True):
         if rule["scheme"] == "window":
-            low, high = rule["window"]
-            if not high > low:
-                raise ValueError(f"the CT window needs low < high, got low={low}, high={high}")
-            np.clip(channel, low, high, out=channel)
-            channel -= np.float32(low)
-            channel /= np.float32(high - low)
+            window_ct(channel, *rule["window"], out=channel)
         elif rule["scheme"] == "ct":
             np.clip(channel, *rule["clip"], out=channel)
             channel -= rule["mean"]

@@ -656,14 +656,19 @@ def resampled_geometry(geometry: Geometry, shape: Sequence[int], new_spacing: Se
     return Geometry(spacing=spacing, origin=tuple(origin), direction=geometry.direction)
 
 
-def window_ct(ct: np.ndarray, low: float = -1000.0, high: float = 400.0) -> np.ndarray:
-    """CT in Hounsfield units clipped to [low, high] and scaled to [0, 1], float32 (lung window default)."""
+def window_ct(
+    ct: np.ndarray, low: float = -1000.0, high: float = 400.0, out: np.ndarray | None = None
+) -> np.ndarray:
+    """CT in Hounsfield units clipped to [low, high] and scaled to [0, 1], float32 (lung window default).
+
+    `out` (float32, e.g. the CT itself) receives the result, so that a real-size scan is not copied.
+    """
     if not high > low:
         raise ValueError(f"the CT window needs low < high, got low={low}, high={high}")
-    windowed = (np.clip(np.asarray(ct, dtype=np.float32), low, high) - np.float32(low)) / np.float32(
-        high - low
-    )
-    return windowed.astype(np.float32, copy=False)
+    windowed = np.clip(np.asarray(ct, dtype=np.float32), low, high, out=out)
+    windowed -= np.float32(low)
+    windowed /= np.float32(high - low)
+    return windowed
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
