@@ -1017,15 +1017,20 @@ class SliceDataset(Dataset):
 
 
 class PatchDataset(Dataset):
-    """Random 3D training patches of a list of cases, a share of them centred on foreground.
+    """Random 3D training patches of a list of cases, a share of them on foreground.
 
     Item n is training sample number n (see `sample_rng`). It draws a case uniformly, then, with
     probability `foreground_ratio`, one of the classes present in that case uniformly and a random one of
-    its stored foreground positions as the patch centre (so a rare small class is found as often as a
-    large one, as in nnU-Net), otherwise a uniform position; either way the patch is shifted so that, on
-    every axis, it lies inside the volume or the volume inside it. So no patch is mostly padding, and a
-    volume smaller than the patch is always seen whole (zero-padded, at a random offset; a warning says so
-    once). `length` is the number of patches per epoch. Only the patch is read from the cache.
+    its stored foreground positions (so a rare small class is found as often as a large one, as in
+    nnU-Net), otherwise a uniform patch position. The foreground voxel is the patch's centre, as in
+    nnU-Net, or, with `foreground_jitter` j, uniformly within j × the patch around it (1: anywhere): a
+    small object (a nodule) always at the centre teaches the network that objects are found only there
+    (measured in report.md). With j = 0.5 the voxel lies in the patch's central half, where every voxel
+    falls in the central half of some window of a sliding-window inference at overlap 0.5. Either way the
+    patch is shifted so that, on every axis, it lies inside the volume or the volume inside it. So no
+    patch is mostly padding, and a volume smaller than the patch is always seen whole (zero-padded, at a
+    random offset; a warning says so once). `length` is the number of patches per
+    epoch. Only the patch is read from the cache.
     """
 
     def __init__(
@@ -1036,11 +1041,13 @@ class PatchDataset(Dataset):
         foreground_ratio: float = 0.33,
         transform: Callable | None = None,
         seed: int = 0,
+        foreground_jitter: float = 0.0,
     ):
         self.cases = list(cases)
         self.patch_size = tuple(int(p) for p in patch_size)
         self.length = length
         self.foreground_ratio = foreground_ratio
+        self.foreground_jitter = foreground_jitter
         self.transform = transform
         self.seed = seed
         small = [c.case_id for c in self.cases if np.any(np.array(c.shape) < self.patch_size)]
@@ -1062,8 +1069,12 @@ class PatchDataset(Dataset):
         classes = case.classes
         if classes and rng.random() < self.foreground_ratio:
             positions = case.foreground(classes[int(rng.integers(len(classes)))])
-            centre = np.asarray(positions[int(rng.integers(len(positions)))])
-            return np.clip(centre - patch // 2, low, high)
+            voxel = np.asarray(positions[int(rng.integers(len(positions)))])
+            offset = patch // 2
+            if self.foreground_jitter:
+                reach = (self.foreground_jitter * patch / 2).astype(int)
+                offset = np.clip(offset + [int(rng.integers(-r, r + 1)) for r in reach], 0, patch - 1)
+            return np.clip(voxel - offset, low, high)
         return np.array([int(rng.integers(lo, hi + 1)) for lo, hi in zip(low, high, strict=True)])
 
     def __getitem__(self, sample: int) -> tuple[torch.Tensor, torch.Tensor]:

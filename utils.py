@@ -219,8 +219,10 @@ def case_metrics(
     class_names: dict[int, str],
     spacing: Sequence[float] | None = None,
     postprocessing: str = "largest",
+    postprocessed: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """One metrics-table row for a case, before and after post-processing.
+    """One metrics-table row for a case, before and after post-processing (`postprocessed`: the labels
+    already post-processed by the caller, who needs them too: a real-size CT is not processed twice).
 
     Columns, in order: `case`, `dsc_<name>` per class, `dsc_mean` (mean over the classes),
     `hd95_<name>` per class (mm with `spacing`, voxels without), `missed_<name>` (1 when the class is
@@ -239,7 +241,11 @@ def case_metrics(
     classes = list(class_names)
     penalty = hd95_penalty(truth_labels.shape, spacing)
     row: dict[str, Any] = {"case": case_id}
-    for suffix, pred in (("", pred_labels), ("_pp", postprocess(pred_labels, postprocessing, classes))):
+    if postprocessed is None:
+        postprocessed = postprocess(pred_labels, postprocessing, classes)
+    else:
+        _check_same_shape(np.asarray(postprocessed), truth_labels)
+    for suffix, pred in (("", pred_labels), ("_pp", np.asarray(postprocessed))):
         dsc = dice_per_class(pred, truth_labels, classes)
         for c, name in class_names.items():
             row[f"dsc_{name}{suffix}"] = dsc[c]

@@ -272,6 +272,24 @@ def test_patch_dataset_centres_the_requested_share_on_foreground():
     assert x.shape == (1, 8, 8, 8) and y.shape == (1, 8, 8, 8) and y.dtype == torch.int64
 
 
+def test_a_foreground_voxel_is_the_patch_centre_or_jittered_around_it():
+    label = np.zeros((40, 40, 40), np.uint8)
+    label[20, 20, 20] = 1  # one voxel, far from the edges: no clipping moves the patch
+    case = Case.from_arrays("a", np.zeros((1, 40, 40, 40), np.float32), label)
+
+    def places(jitter: float) -> np.ndarray:
+        patches = dataset.PatchDataset(
+            [case], (8, 12, 16), length=400, foreground_ratio=1.0, foreground_jitter=jitter
+        )
+        return np.array([np.argwhere(patches[i][1][0].numpy())[0] for i in range(len(patches))])
+
+    assert (places(0.0) == [4, 6, 8]).all()
+    for jitter, spans in [(0.5, [(2, 6), (3, 9), (4, 12)]), (1.0, [(0, 7), (0, 11), (0, 15)])]:
+        spread = places(jitter)  # always inside the patch, at every offset of the span on each axis
+        for axis, (first, last) in enumerate(spans):
+            assert set(spread[:, axis]) == set(range(first, last + 1))
+
+
 def test_a_volume_smaller_than_the_patch_is_padded_with_one_warning_and_always_seen_whole():
     small = Case.from_arrays("small", np.ones((1, 4, 4, 4), np.float32), np.ones((4, 4, 4), np.uint8))
     with pytest.warns(UserWarning, match=r"1 case\(s\) smaller than the patch \(8, 8, 8\) are zero-padded"):

@@ -226,6 +226,12 @@ def test_case_metrics_reports_scores_before_and_after_post_processing():
     assert row["dsc_tumour_pp"] == 1.0
     assert row["dsc_mean_pp"] == 1.0
     assert row["hd95_tumour_pp"] == 0.0
+    given = utils.postprocess(pred, "largest", [1])
+    assert utils.case_metrics("case-7", pred, truth, {1: "tumour"}, postprocessed=given) == row
+    kept = utils.case_metrics("case-7", pred, truth, {1: "tumour"}, postprocessed=pred)  # taken as given
+    assert kept["dsc_tumour_pp"] == row["dsc_tumour"]
+    with pytest.raises(ValueError, match="same shape"):
+        utils.case_metrics("case-7", pred, truth, {1: "tumour"}, postprocessed=pred[:5])
 
 
 def test_case_metrics_averages_classes_and_scales_hd95_by_spacing():
