@@ -3,7 +3,7 @@ and CPM on the held-out scans, with bootstrap intervals and seconds per scan.
 
     .venv/bin/python benchmarks/detection.py                  # 50 scans, 30 training minutes
     .venv/bin/python benchmarks/detection.py --quick          # a smoke check (tiny, seconds)
-    .venv/bin/python benchmarks/detection.py --budget 6 --jitter 0 \
+    .venv/bin/python benchmarks/detection.py --jitter 0 \
         --output benchmarks/results/detection-centred.json    # nnU-Net's centred foreground patches
 
 The data are made here (synthetic.make_luna, seeded) in --data; the run goes to runs/benchmarks. The
