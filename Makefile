@@ -53,8 +53,9 @@ bench: install
 	$(PY) benchmarks/scale.py --data /tmp/lits-standin
 	$(PY) benchmarks/distributed_speed.py
 	$(PY) benchmarks/detection.py
-	$(PY) benchmarks/detection.py --jitter 0 --output benchmarks/results/detection-centred.json
-	$(PY) benchmarks/position_probe.py runs/benchmarks/luna-nodules-50-30min runs/benchmarks/luna-nodules-50-30min-jitter0
+	$(PY) benchmarks/detection.py --jitter 0.5 --output benchmarks/results/detection-jitter0.5.json
+	$(PY) benchmarks/position_probe.py runs/benchmarks/luna-nodules-50-30min runs/benchmarks/luna-nodules-50-30min-jitter0.5
+	$(PY) benchmarks/detection_comparison.py runs/benchmarks/luna-nodules-50-30min runs/benchmarks/luna-nodules-50-30min-jitter0.5
 	$(PY) benchmarks/model_speed.py
 
 clean:

@@ -56,8 +56,8 @@ class TrainConfig:
     # training cases' largest foreground box; None: the largest case, at most 96 per axis
     patches_per_epoch: int = 250  # 3D networks: patches drawn per epoch
     foreground_ratio: float = 0.33  # 3D networks: share of patches drawn on foreground
-    foreground_jitter: float | None = None  # 3D networks: share of the patch over which a foreground
-    # patch's voxel lies around its centre (0: centred, nnU-Net; 1: anywhere); None: 0.5 for detection, else 0
+    foreground_jitter: float = 0.0  # 3D networks: share of the patch over which a foreground patch's
+    # voxel lies around its centre (0: centred, nnU-Net; 1: anywhere)
     overlap: float = 0.5  # 3D inference: overlap of the sliding windows
     mirror_tta: bool = False  # inference: average over the flips of aug_flip_axes (not in validation)
     epochs: int = 100
@@ -166,8 +166,8 @@ class TrainConfig:
             f"foreground_ratio must be in [0, 1], got {self.foreground_ratio}",
         )
         require(
-            self.foreground_jitter is None or 0 <= self.foreground_jitter <= 1,
-            f"foreground_jitter must be in [0, 1] or None, got {self.foreground_jitter}",
+            0 <= self.foreground_jitter <= 1,
+            f"foreground_jitter must be in [0, 1], got {self.foreground_jitter}",
         )
         require(0 <= self.overlap < 1, f"overlap must be in [0, 1), got {self.overlap}")
         require(

@@ -1024,10 +1024,9 @@ class PatchDataset(Dataset):
     its stored foreground positions (so a rare small class is found as often as a large one, as in
     nnU-Net), otherwise a uniform patch position. The foreground voxel is the patch's centre, as in
     nnU-Net, or, with `foreground_jitter` j, uniformly within j × the patch around it (1: anywhere): a
-    small object (a nodule) always at the centre teaches the network that objects are found only there
-    (measured in report.md). With j = 0.5 the voxel lies in the patch's central half, where every voxel
-    falls in the central half of some window of a sliding-window inference at overlap 0.5. Either way the
-    patch is shifted so that, on every axis, it lies inside the volume or the volume inside it. So no
+    small object (a nodule) always at the centre ties the network's response to the window's centre
+    (report.md measures both placements). With j = 0.5 the voxel lies in the patch's central half. Either
+    way the patch is shifted so that, on every axis, it lies inside the volume or the volume inside it. So no
     patch is mostly padding, and a volume smaller than the patch is always seen whole (zero-padded, at a
     random offset; a warning says so once). `length` is the number of patches per
     epoch. Only the patch is read from the cache.

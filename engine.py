@@ -345,16 +345,6 @@ def augmentation_spacing(plan: dict, spatial_dims: int, slice_axis: int) -> list
     return spacing if spatial_dims == 3 else [s for axis, s in enumerate(spacing) if axis != slice_axis]
 
 
-DETECTION_JITTER = 0.5  # a nodule anywhere in a patch's central half (PatchDataset)
-
-
-def foreground_jitter(config: TrainConfig, task: str) -> float:
-    """The setting, or its default for the task: jittered for detection's small nodules, else centred."""
-    if config.foreground_jitter is not None:
-        return config.foreground_jitter
-    return DETECTION_JITTER if task == "detection" else 0.0
-
-
 def training_data(
     cases: Sequence[Case],
     config: TrainConfig,
@@ -362,10 +352,8 @@ def training_data(
     shapes: dict,
     plan: dict | None = None,
     context: distributed.Context | None = None,
-    task: str = "segmentation",
 ) -> tuple[DataLoader, EpochSampler]:
-    """Slices for 2D networks (weighted by foreground area), foreground-biased patches for 3D ones
-    (config.foreground_jitter None: DETECTION_JITTER for detection, centred otherwise).
+    """Slices for 2D networks (weighted by foreground area), foreground-biased patches for 3D ones.
 
     An epoch is max(1, samples // batch_size) global batches: samples is the number of training slices
     (as in the reference) or patches_per_epoch. The loader yields this process's share of each batch.
@@ -393,7 +381,7 @@ def training_data(
             config.foreground_ratio,
             transform,
             config.seed,
-            foreground_jitter(config, task),
+            config.foreground_jitter,
         )
     steps = max(1, len(dataset) // config.batch_size)
     sampler = EpochSampler(steps, config.batch_size, context.rank, context.world_size)
@@ -622,7 +610,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
         write_json_atomic({**dataclasses.asdict(config), **derived}, run_dir / ARGS)
         if state is not None:
             save_state(run_dir, state, history)  # the best weights and history of the checkpoint, again
-    loader, sampler = training_data(train_cases, config, model.spatial_dims, shapes, plan, context, info.task)
+    loader, sampler = training_data(train_cases, config, model.spatial_dims, shapes, plan, context)
     layout = torch.channels_last if model.spatial_dims == 2 else torch.channels_last_3d
     logger = (
         Logger(run_dir / "tensorboard", purge_step=start_epoch * len(loader)) if context.is_main else None

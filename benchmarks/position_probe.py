@@ -31,7 +31,7 @@ from model_speed import cpu_name  # noqa: E402
 from run import commit  # noqa: E402
 
 from dataset import find_sources, prepare_cases  # noqa: E402
-from engine import class_probabilities, foreground_jitter, load_run  # noqa: E402
+from engine import class_probabilities, load_run  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "position_probe.json"
 
@@ -70,7 +70,7 @@ def probe(run_dir: Path, shifts: list[int], scans: int) -> dict:
     values = np.array(peaks)
     return {
         "run": run_dir.name,
-        "foreground_jitter": foreground_jitter(config, args["task"]),
+        "foreground_jitter": config.foreground_jitter,
         "nodules": len(peaks),
         "skipped_near_edge": skipped,
         "shifts": shifts,

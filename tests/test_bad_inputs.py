@@ -78,7 +78,7 @@ def copy_of(folder: Path, target: Path) -> Path:
         ("slice_axis", 3, "slice_axis must be 0, 1 or 2"),
         ("edge_slices", -1, "edge_slices must be 0 or more"),
         ("patch_size", [32, 32], r"patch_size must be 3 positive sizes"),
-        ("foreground_jitter", 1.5, r"foreground_jitter must be in \[0, 1\] or None"),
+        ("foreground_jitter", 1.5, r"foreground_jitter must be in \[0, 1\]"),
         ("batch_size", 0, "batch_size must be at least 1"),
         ("lr", -1e-3, "lr must be positive"),
         ("amp", "fp8", "amp must be one of"),

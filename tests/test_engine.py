@@ -340,19 +340,11 @@ def test_the_poly_schedule_decays_the_learning_rate_and_constant_keeps_it():
         set_learning_rate(optimizer, TrainConfig(lr_schedule="cosine"), 0.1)
 
 
-@pytest.mark.parametrize(
-    ("setting", "task", "jitter"),
-    [
-        (None, "segmentation", 0.0),
-        (None, "detection", 0.5),
-        (0.0, "detection", 0.0),
-        (1.0, "segmentation", 1.0),
-    ],
-)
-def test_detection_jitters_its_foreground_patches_unless_told_otherwise(setting, task, jitter):
+@pytest.mark.parametrize("jitter", [0.0, 0.5, 1.0])
+def test_the_patches_get_the_foreground_jitter_setting(jitter):
     case = Case.from_arrays("a", np.zeros((1, 8, 8, 8), np.float32), np.ones((8, 8, 8), np.uint8))
-    config = TrainConfig(foreground_jitter=setting, patches_per_epoch=4, batch_size=2)
-    loader, _ = training_data([case], config, 3, {"patch_size": [4, 4, 4]}, task=task)
+    config = TrainConfig(foreground_jitter=jitter, patches_per_epoch=4, batch_size=2)
+    loader, _ = training_data([case], config, 3, {"patch_size": [4, 4, 4]})
     assert loader.dataset.foreground_jitter == jitter
 
 

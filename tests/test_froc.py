@@ -370,3 +370,36 @@ def test_read_series_takes_one_uid_per_line_and_rejects_repeats(tmp_path):
     assert froc.read_series(write(tmp_path, "uids.csv", "a\nb\n\nc\n")) == ["a", "b", "c"]
     with pytest.raises(froc.CsvFormatError, match="line 3: series a is listed twice"):
         froc.read_series(write(tmp_path, "twice.csv", "a\nb\na\n"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired comparison of two systems
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_system_that_finds_every_nodule_beats_one_that_finds_none_in_every_resample():
+    nodules = [nodule("a", 0), nodule("b", 0)]
+    finds_all = [mark("a", 1, 0.9), mark("b", 1, 0.8)]
+    finds_none = false_marks("a", 0.9, 1) + false_marks("b", 0.9, 1)
+    result = froc.paired_cpm_difference(finds_all, finds_none, nodules, [], ["a", "b"], iterations=200)
+    assert (result.cpm_a, result.cpm_b, result.difference) == (1.0, 0.0, 1.0)
+    assert (result.lower, result.upper) == (1.0, 1.0)
+    assert result.p_value == pytest.approx(2 / 201)
+    assert result.samples_used == 200
+
+
+def test_identical_systems_differ_by_zero_with_p_one():
+    nodules = [nodule("a", 0), nodule("b", 0)]
+    candidates = [mark("a", 1, 0.9)] + false_marks("b", 0.5, 3)
+    result = froc.paired_cpm_difference(candidates, list(candidates), nodules, [], ["a", "b"])
+    assert (result.difference, result.lower, result.upper, result.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_systems_each_better_on_one_scan_give_an_interval_across_zero():
+    nodules = [nodule("a", 0), nodule("b", 0)]
+    first = [mark("a", 1, 0.9)]
+    second = [mark("b", 1, 0.9)]
+    result = froc.paired_cpm_difference(first, second, nodules, [], ["a", "b"], iterations=500)
+    assert result.difference == 0.0
+    assert result.lower == -1.0 and result.upper == 1.0
+    assert result.p_value > 0.5
