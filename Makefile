@@ -46,6 +46,7 @@ bench: install
 	$(PY) benchmarks/run.py --configs $(CHOSEN) --budget 20 --tuned --seeds 1 2
 	$(PY) benchmarks/run.py --protocol --budget 20
 	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-$(strip $(CHOSEN))_tuned-20min-seed0
+	$(PY) benchmarks/demo_selection.py
 	bash benchmarks/cache_speed.sh
 	$(PY) benchmarks/reference_comparison.py --epochs 2 --image-size 128
 	$(PY) benchmarks/run.py --suite brain --budget 2

@@ -515,6 +515,13 @@ def _bootstrap(marks: _Marks, iterations: int, seed: int, confidence: float) -> 
     )
 
 
+def _check_bootstrap_settings(iterations: int, confidence: float) -> None:
+    if iterations < 1:
+        raise ValueError(f"iterations must be at least 1, got {iterations}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+
+
 def bootstrap_froc(
     candidates: Sequence[Candidate],
     annotations: Sequence[Finding],
@@ -531,10 +538,7 @@ def bootstrap_froc(
     script's computeFROC_bootstrap does. Beyond the script, the CPM gets an interval too (from the
     CPM of each resample), and resamples without a nodule are left out instead of turning into NaN.
     """
-    if iterations < 1:
-        raise ValueError(f"iterations must be at least 1, got {iterations}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    _check_bootstrap_settings(iterations, confidence)
     marks = _marks(candidates, annotations, excluded, series, max_marks_per_scan)
     return replace(_score(marks), bootstrap=_bootstrap(marks, iterations, seed, confidence))
 
@@ -570,10 +574,7 @@ def paired_cpm_difference(
     Two CPMs with overlapping intervals from separate bootstraps say little; the paired difference is
     what tells whether one system beats the other on these scans.
     """
-    if iterations < 1:
-        raise ValueError(f"iterations must be at least 1, got {iterations}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    _check_bootstrap_settings(iterations, confidence)
     marks_a = _marks(candidates_a, annotations, excluded, series, max_marks_per_scan)
     marks_b = _marks(candidates_b, annotations, excluded, series, max_marks_per_scan)
     cpm_a, cpm_b = _score(marks_a).cpm, _score(marks_b).cpm

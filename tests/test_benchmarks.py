@@ -182,3 +182,41 @@ def test_the_readme_quotes_the_demo_results_file():
 
     record = json.loads(demo_summary.RESULT.read_text())
     assert demo_summary.sentence(record) in (REPO / "README.md").read_text()
+
+
+def _development_record(name, values):
+    return {"config": name, "development_dsc": dict(zip(("p1", "p2", "p3", "p4"), values, strict=True))}
+
+
+def test_the_demo_selection_chooses_by_development_patients_and_pairs_each_candidate_with_the_defaults():
+    import demo_selection
+
+    records = [
+        _development_record("defaults", [0.90, 0.80, 0.70, 0.60]),
+        _development_record("better", [0.95, 0.85, 0.75, 0.65]) | {"test_dsc_mean": 0.1},
+        _development_record("worse", [0.80, 0.70, 0.60, 0.50]) | {"test_dsc_mean": 0.99},
+    ]
+    demo_selection.compare_with_baseline(records)
+    assert "versus_defaults" not in records[0]
+    assert records[1]["versus_defaults"]["mean_difference"] == pytest.approx(0.05)
+    assert records[2]["versus_defaults"]["mean_difference"] == pytest.approx(-0.10)
+    assert records[1]["versus_defaults"]["ci"] == pytest.approx([0.05, 0.05])
+    assert demo_selection.mark_chosen(records) == "better"
+    assert [record["chosen"] for record in records] == [False, True, False]
+
+
+def test_the_notebook_defaults_are_the_demo_selection_s_chosen_candidate():
+    import demo_selection
+
+    if not demo_selection.RESULT.exists():
+        pytest.skip(f"{demo_selection.RESULT} has not been written yet")
+    result = json.loads(demo_selection.RESULT.read_text())
+    (chosen,) = [record for record in result["records"] if record["chosen"]]
+    assert chosen["config"] == result["chosen"]
+    notebook = json.loads((REPO / "train.ipynb").read_text())
+    (cell,) = [c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    defaults: dict = {}
+    exec("".join(cell["source"]), {}, defaults)
+    assert chosen["parameters"] == demo_selection.candidate_parameters(chosen["config"])
+    for name, value in chosen["parameters"].items():
+        assert defaults[name] == value, name
