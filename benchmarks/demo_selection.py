@@ -1,12 +1,13 @@
 """Choose the demo's settings on development patients, never on the demo's test patients.
 
-The demo's own validation split holds 4 patients on which every candidate scores about 0.95: too few and too
-easy to tell candidates apart. So each candidate is trained exactly as `make demo` trains (train.ipynb through
-papermill, its defaults with the candidate's changes) and then predicts 24 development patients generated with
-seed 2 (data/development/kaggle_3m). These are neither the demo's test patients nor the 24 "further" patients
-of seed 1 that benchmarks/demo_summary.py reports. The candidate with the best mean development DSC is chosen
-(`"chosen": true`); each one also carries its paired difference from the current defaults over the same 24
-patients, and its wall-clock seconds (the demo must stay within 10 minutes).
+The demo's own validation split holds 4 patients (0.87 to 0.96 across the candidates): too few to tell
+candidates apart. So each candidate is trained exactly as `make demo` trains (train.ipynb through
+papermill, with BASELINE_PARAMETERS and the candidate's changes) and then predicts 24 development patients
+generated with seed 2 (data/development/kaggle_3m). These are neither the demo's test patients nor the 24
+"further" patients of seed 1 that benchmarks/demo_summary.py reports. The candidate with the best mean
+development DSC is chosen (`"chosen": true`); each one also carries its paired difference from BASELINE (the
+demo's earlier settings) over the same 24 patients, and its wall-clock seconds (the demo must stay within 10
+minutes).
 
 Every candidate states all the parameters this selection varies (BASELINE's values unless it changes them), so
 re-running one gives the same training whatever the notebook's defaults are now. The candidates came in three
@@ -117,7 +118,7 @@ def run_candidate(name: str, runs_dir: Path, data: Path) -> dict:
 
 
 def compare_with_baseline(records: list[dict]) -> None:
-    """Each record's paired difference from the defaults over the same development patients (in place)."""
+    """Each record's paired difference from BASELINE over the same development patients (in place)."""
     baseline = next((r for r in records if r["config"] == BASELINE), None)
     for record in records:
         record.pop("versus_defaults", None)

@@ -19,17 +19,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from froc import paired_cpm_difference, read_annotations, read_candidates, read_excluded  # noqa: E402
+from detection import find_nodule_scans  # noqa: E402
+from froc import paired_cpm_difference, read_candidates  # noqa: E402
+from runs import ARGS, read_json  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "detection_comparison.json"
-EXCLUDED_FILE = "annotations_excluded.csv"
 
 
 def run_settings(run_dir: Path) -> dict:
-    path = run_dir / "args.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {run_dir} is not a trained run folder")
-    return json.loads(path.read_text())
+    return read_json(run_dir / ARGS, f"the settings of a trained run ({run_dir} is not a run folder?)")
 
 
 def compare(run_a: Path, run_b: Path, iterations: int = 1000) -> dict:
@@ -38,13 +36,10 @@ def compare(run_a: Path, run_b: Path, iterations: int = 1000) -> dict:
     for key in ("data_dir", "split"):
         if settings[0][key] != settings[1][key]:
             raise ValueError(f"{run_a} and {run_b} differ in {key}: they were not scored on the same scans")
-    data = Path(settings[0]["data_dir"])
     series = settings[0]["split"]["test"]
-    scans = settings[0]["case_ids"]
-    annotations = read_annotations(data / "annotations.csv", scans)
-    excluded = read_excluded(data / EXCLUDED_FILE, scans) if (data / EXCLUDED_FILE).is_file() else []
-    annotations = [finding for finding in annotations if finding.seriesuid in series]
-    excluded = [finding for finding in excluded if finding.seriesuid in series]
+    test_scans = [scan for scan in find_nodule_scans(settings[0]["data_dir"]) if scan.case_id in series]
+    annotations = [finding for scan in test_scans for finding in scan.nodules]
+    excluded = [finding for scan in test_scans for finding in scan.excluded]
     candidates = [read_candidates(run / "inference" / "candidates.csv", series) for run in (run_a, run_b)]
     result = paired_cpm_difference(*candidates, annotations, excluded, series, iterations=iterations)
     return {
