@@ -177,6 +177,15 @@ def test_the_reports_headline_and_protocol_table_are_generated_from_the_results_
     assert match and match.group(1).strip() == run.markdown(run.SUITES["hippocampus"], records)
 
 
+def test_the_reports_demo_selection_tables_are_generated_from_its_results_file():
+    import demo_selection
+
+    result = json.loads(demo_selection.RESULT.read_text())
+    report = (REPO / "report.md").read_text()
+    match = re.search("<!-- demo selection -->\n(.*?)\n<!-- end demo selection -->", report, re.S)
+    assert match and match.group(1).strip() == demo_selection.markdown_tables(result)
+
+
 def test_the_readme_quotes_the_demo_results_file():
     import demo_summary
 
@@ -184,8 +193,9 @@ def test_the_readme_quotes_the_demo_results_file():
     assert demo_summary.sentence(record) in (REPO / "README.md").read_text()
 
 
-def _development_record(name, values):
-    return {"config": name, "development_dsc": dict(zip(("p1", "p2", "p3", "p4"), values, strict=True))}
+def _development_record(name, values, seed=42):
+    cases = dict(zip(("p1", "p2", "p3", "p4"), values, strict=True))
+    return {"config": name, "seed": seed, "development_dsc": cases}
 
 
 def test_the_demo_selection_chooses_by_development_patients_and_pairs_each_candidate_with_the_defaults():
@@ -205,14 +215,36 @@ def test_the_demo_selection_chooses_by_development_patients_and_pairs_each_candi
     assert [record["chosen"] for record in records] == [False, True, False]
 
 
+def test_once_candidates_have_every_seed_the_demo_selection_chooses_by_the_seed_averaged_development_dsc():
+    import demo_selection
+
+    first, second = demo_selection.SEEDS
+    records = [
+        _development_record("lucky", [0.99, 0.99, 0.99, 0.99], first),
+        _development_record("steady", [0.90, 0.90, 0.90, 0.90], first),
+        _development_record("steady", [0.90, 0.90, 0.90, 0.80], second),
+        _development_record("erratic", [0.95, 0.95, 0.95, 0.95], first),
+    ]
+    assert demo_selection.mark_chosen(records) == "steady"  # the only one with every seed
+    records.append(_development_record("erratic", [0.70, 0.70, 0.70, 0.70], second))
+    assert demo_selection.mark_chosen(records) == "steady"  # 0.8875 against 0.825 averaged over the seeds
+    assert [record["chosen"] for record in records] == [False, True, True, False, False]
+    summary = demo_selection.final_summary(records, "steady")
+    assert set(summary) == {"steady", "erratic"}
+    assert summary["steady"]["development_dsc_mean"] == pytest.approx(0.8875)
+    assert summary["erratic"]["chosen_minus_this"]["mean_difference"] == pytest.approx(0.0625)
+    assert "chosen_minus_this" not in summary["steady"]
+
+
 def test_the_notebook_defaults_are_the_demo_selection_s_chosen_candidate():
     import demo_selection
 
     if not demo_selection.RESULT.exists():
         pytest.skip(f"{demo_selection.RESULT} has not been written yet")
     result = json.loads(demo_selection.RESULT.read_text())
-    (chosen,) = [record for record in result["records"] if record["chosen"]]
-    assert chosen["config"] == result["chosen"]
+    chosen_records = [record for record in result["records"] if record["chosen"]]
+    assert {record["config"] for record in chosen_records} == {result["chosen"]}
+    chosen = chosen_records[0]
     notebook = json.loads((REPO / "train.ipynb").read_text())
     (cell,) = [c for c in notebook["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     defaults: dict = {}
