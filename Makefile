@@ -47,6 +47,9 @@ bench: install
 	$(PY) benchmarks/run.py --protocol --budget 20
 	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-$(strip $(CHOSEN))_tuned-20min-seed0
 	$(PY) benchmarks/demo_selection.py
+	$(PY) benchmarks/demo_errors.py runs/benchmarks/demo-scale30_intensity25_epochs35_poly \
+		runs/benchmarks/demo-scale30_intensity25_epochs35_poly-seed43 \
+		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_tversky
 	bash benchmarks/cache_speed.sh
 	$(PY) benchmarks/reference_comparison.py --epochs 2 --image-size 128
 	$(PY) benchmarks/run.py --suite brain --budget 2
