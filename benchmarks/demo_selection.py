@@ -169,6 +169,17 @@ def run_candidate(name: str, seed: int, runs_dir: Path, data: Path) -> dict:
     }
 
 
+def paired_record(a: dict[str, float], b: dict[str, float], name_a: str, name_b: str) -> dict:
+    """The paired difference a − b over the same patients, as the results file stores it."""
+    result = paired_difference(a, b)
+    return {
+        "mean_difference": result.mean_difference,
+        "ci": [result.low, result.high],
+        "wilcoxon_p": result.wilcoxon_p,
+        "verdict": verdict(result, name_a, name_b),
+    }
+
+
 def compare_with_baseline(records: list[dict]) -> None:
     """Each record's paired difference from BASELINE over the same development patients (in place)."""
     baseline = next((r for r in records if (r["config"], r["seed"]) == (BASELINE, SEEDS[0])), None)
@@ -176,13 +187,10 @@ def compare_with_baseline(records: list[dict]) -> None:
         record.pop("versus_defaults", None)
         if baseline is None or record is baseline:
             continue
-        result = paired_difference(record["development_dsc"], baseline["development_dsc"])
-        record["versus_defaults"] = {
-            "mean_difference": result.mean_difference,
-            "ci": [result.low, result.high],
-            "wilcoxon_p": result.wilcoxon_p,
-            "verdict": verdict(result, f"{record['config']} (seed {record['seed']})", BASELINE),
-        }
+        name = f"{record['config']} (seed {record['seed']})"
+        record["versus_defaults"] = paired_record(
+            record["development_dsc"], baseline["development_dsc"], name, BASELINE
+        )
 
 
 def seed_averaged(records: list[dict]) -> dict[str, dict[str, float]]:
@@ -222,13 +230,7 @@ def final_summary(records: list[dict], chosen: str) -> dict[str, dict]:
         mean, low, high = bootstrap_ci(list(development.values()))
         entry: dict[str, object] = {"development_dsc_mean": mean, "development_dsc_mean_ci": [low, high]}
         if config != chosen and chosen in finalists:
-            result = paired_difference(finalists[chosen], development)
-            entry["chosen_minus_this"] = {
-                "mean_difference": result.mean_difference,
-                "ci": [result.low, result.high],
-                "wilcoxon_p": result.wilcoxon_p,
-                "verdict": verdict(result, chosen, config),
-            }
+            entry["chosen_minus_this"] = paired_record(finalists[chosen], development, chosen, config)
         summary[config] = entry
     return summary
 
