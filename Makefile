@@ -49,7 +49,9 @@ bench: install
 	$(PY) benchmarks/demo_selection.py
 	$(PY) benchmarks/demo_errors.py runs/benchmarks/demo-scale30_intensity25_epochs35_poly \
 		runs/benchmarks/demo-scale30_intensity25_epochs35_poly-seed43 \
-		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_tversky
+		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_tversky \
+		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_context1 \
+		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_context1-seed43
 	bash benchmarks/cache_speed.sh
 	$(PY) benchmarks/reference_comparison.py --epochs 2 --image-size 128
 	$(PY) benchmarks/run.py --suite brain --budget 2

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 AMP_MODES = (False, True, "auto", "bfloat16", "float16")
+VOLUMETRIC_MODELS = ("unet3d", "res_unet3d", "vnet")  # the 3D networks of models.MODELS (test-checked)
 # Names other tools give to settings, for the hint in the unknown-setting error.
 ALIASES = {
     "learning_rate": "lr",
@@ -52,6 +53,7 @@ class TrainConfig:
     loss: str = "dice"  # dice, bce, ce, dice_bce, dice_ce, focal, dice_focal, tversky
     loss_options: dict = dataclasses.field(default_factory=dict)
     slice_axis: int = 0  # 2D networks on volumes: the spatial axis slices are taken along
+    context_slices: int = 0  # 2D networks: neighbouring slices on each side as extra input channels (2.5D)
     patch_size: list | str | None = None  # 3D networks: patch and window (D, H, W); "foreground": the
     # training cases' largest foreground box; None: the largest case, at most 96 per axis
     patches_per_epoch: int = 250  # 3D networks: patches drawn per epoch
@@ -158,6 +160,14 @@ class TrainConfig:
             f"slice_axis must be 0, 1 or 2 (a spatial axis), got {self.slice_axis}",
         )
         require(self.edge_slices >= 0, f"edge_slices must be 0 or more, got {self.edge_slices}")
+        require(
+            type(self.context_slices) is int and self.context_slices >= 0,
+            f"context_slices must be an integer, 0 or more, got {self.context_slices!r}",
+        )
+        require(
+            not (self.context_slices and self.model in VOLUMETRIC_MODELS),
+            f"context_slices is for 2D networks; {self.model!r} is 3D and sees the neighbouring slices",
+        )
         require(
             self.patches_per_epoch >= 1, f"patches_per_epoch must be at least 1, got {self.patches_per_epoch}"
         )

@@ -164,7 +164,7 @@ def list_slice_files(folder: Path, require_masks: bool = True) -> list[SliceFile
     if missing:
         warnings.warn(
             f"{folder}: slice number(s) {missing[:10]} are missing; the slices on either side of a gap are "
-            "treated as not adjacent (3D post-processing, HD95)",
+            "treated as not adjacent (3D post-processing, HD95), but 2.5D input (context_slices) spans it",
             stacklevel=2,
         )
     return [SliceFiles(n, images[n], masks.get(n)) for n in numbers]
@@ -952,6 +952,26 @@ def slice_sampling_weights(cases: Sequence[Case], axis: int = 0, edge_slices: in
     return np.concatenate(weights)
 
 
+def context_indices(index: int | np.ndarray, length: int, context_slices: int) -> np.ndarray:
+    """Slice indices index - context_slices .. index + context_slices along an axis of `length`, edges
+    repeated (a slice beyond the volume is its nearest slice); shape (2k + 1, *index.shape)."""
+    offsets = np.arange(-context_slices, context_slices + 1).reshape(-1, *np.ndim(index) * [1])
+    return np.clip(np.asarray(index) + offsets, 0, length - 1)
+
+
+def slice_with_context(image: np.ndarray, index: int, axis: int, context_slices: int) -> np.ndarray:
+    """Slice `index` of a (C, D, H, W) image along spatial `axis` with its neighbours as channels (2.5D).
+
+    Returns ((2k + 1) · C, *in-plane): the channels of slice index - k first, then the next slice's, so
+    that channel c of offset o is channel o · C + c. k = 0 is the plain slice.
+    """
+    if context_slices == 0:
+        return np.take(image, index, axis=axis + 1)
+    stack = np.take(image, context_indices(index, image.shape[axis + 1], context_slices), axis=axis + 1)
+    stack = np.moveaxis(stack, axis + 1, 0)
+    return stack.reshape(-1, *stack.shape[2:])
+
+
 def center_pad_or_crop(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Zero-pad or crop the trailing len(shape) axes of an array, centred, to `shape`."""
     lead = array.ndim - len(shape)
@@ -977,7 +997,9 @@ class SliceDataset(Dataset):
     Item n is training sample number n (see `sample_rng`): a slice drawn with `weights` (one per slice
     of every case, e.g. `slice_sampling_weights`), padded or cropped (centred) to `slice_size` so that
     volumes of different sizes batch together, then augmented by `transform(image, label, rng)`. image is
-    (C, H, W) float32, label (1, H, W) int64. Only the drawn slice is read from the cache.
+    (C, H, W) float32, label (1, H, W) int64; with `context_slices` k the image also holds the k slices
+    on each side as channels, ((2k + 1) · C, H, W) (`slice_with_context`). Only the drawn slices are read
+    from the cache.
     """
 
     def __init__(
@@ -988,8 +1010,10 @@ class SliceDataset(Dataset):
         axis: int = 0,
         slice_size: Sequence[int] | None = None,
         seed: int = 0,
+        context_slices: int = 0,
     ):
         self.cases = list(cases)
+        self.context_slices = context_slices
         self.index = [(c, d) for c, case in enumerate(self.cases) for d in range(case.shape[axis])]
         if len(weights) != len(self.index):
             raise ValueError(f"{len(weights)} weights for {len(self.index)} slices")
@@ -1004,7 +1028,7 @@ class SliceDataset(Dataset):
         chosen = min(int(np.searchsorted(self.cumulative, rng.random(), side="right")), len(self.index) - 1)
         case_number, depth = self.index[chosen]
         case = self.cases[case_number]
-        image = np.take(case.image, depth, axis=self.axis + 1)
+        image = slice_with_context(case.image, depth, self.axis, self.context_slices)
         label = np.take(case.label, depth, axis=self.axis)
         if self.slice_size is not None:
             image, label = (

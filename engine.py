@@ -32,6 +32,7 @@ from dataset import (
     PatchDataset,
     SliceDataset,
     center_pad_or_crop,
+    context_indices,
     find_sources,
     has_label,
     make_plan,
@@ -131,7 +132,7 @@ def make_model(config: TrainConfig, info: DatasetInfo) -> torch.nn.Module:
     out_channels = 1 if len(info.class_names) == 1 else max(info.class_names) + 1
     return build_model(
         config.model,
-        in_channels=info.in_channels,
+        in_channels=info.in_channels * (2 * config.context_slices + 1),
         out_channels=out_channels,
         init_features=config.init_features,
         **config.model_options,
@@ -205,6 +206,16 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
+def slice_batch(slices: torch.Tensor, start: int, stop: int, context_slices: int) -> torch.Tensor:
+    """Slices start..stop of a (D, C, H, W) stack as a batch, each with its neighbours as channels in
+    the order of `dataset.slice_with_context`: (n, (2k + 1) · C, H, W)."""
+    if not context_slices:
+        return slices[start:stop]
+    stop = min(stop, len(slices))
+    rows = context_indices(np.arange(start, stop), len(slices), context_slices)
+    return torch.cat([slices[torch.from_numpy(row)] for row in rows], dim=1)
+
+
 @torch.inference_mode()
 def predict_case(
     model: torch.nn.Module,
@@ -215,7 +226,8 @@ def predict_case(
 ) -> torch.Tensor:
     """Logits (K, D, H, W), float32 on the CPU, for a (C, D, H, W) volume.
 
-    2D networks: slice by slice along config.slice_axis, each slice padded to the network's divisor.
+    2D networks: slice by slice along config.slice_axis, each slice padded to the network's divisor and
+    given its config.context_slices neighbours on each side as channels, as in training.
     3D networks: Gaussian-weighted sliding windows of shapes["patch_size"]. With config.mirror_tta
     the logits are averaged over every flip of the axes training mirrors (config.aug_flip_axes).
     """
@@ -236,7 +248,11 @@ def predict_case(
         slices = volume.movedim(config.slice_axis + 1, 0)
         outputs = [
             predict_padded(
-                model, slices[start : start + config.batch_size].to(device, non_blocking=True), mirror
+                model,
+                slice_batch(slices, start, start + config.batch_size, config.context_slices).to(
+                    device, non_blocking=True
+                ),
+                mirror,
             )
             for start in range(0, slices.shape[0], config.batch_size)
         ]
@@ -367,11 +383,18 @@ def training_data(
         config.aug_intensity,
         config.aug_affine_prob,
         augmentation_spacing(plan or {}, spatial_dims, config.slice_axis),
+        context_copies=2 * config.context_slices + 1 if spatial_dims == 2 else 1,
     )
     if spatial_dims == 2:
         weights = slice_sampling_weights(cases, config.slice_axis, config.edge_slices)
         dataset = SliceDataset(
-            cases, weights, transform, config.slice_axis, shapes["slice_size"], config.seed
+            cases,
+            weights,
+            transform,
+            config.slice_axis,
+            shapes["slice_size"],
+            config.seed,
+            config.context_slices,
         )
     else:
         dataset = PatchDataset(

@@ -88,20 +88,30 @@ class RandomAffine:
 
 
 class IntensityJitter:
-    """Random per-channel gain and shift of a normalised image (labels untouched)."""
+    """Random per-channel gain and shift of a normalised image (labels untouched).
 
-    def __init__(self, gain: float = 0.1, shift: float = 0.1, prob: float = 0.5):
+    context_copies: the image holds this many neighbouring slices of the same channels (2.5D input, in
+    the order of `dataset.slice_with_context`); they share each channel's gain and shift, since they
+    come from one scan.
+    """
+
+    def __init__(self, gain: float = 0.1, shift: float = 0.1, prob: float = 0.5, context_copies: int = 1):
         self.gain = gain
         self.shift = shift
         self.prob = prob
+        self.context_copies = context_copies
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
         if rng.random() >= self.prob:
             return image, label
-        gains = rng.uniform(1 - self.gain, 1 + self.gain, len(image)).astype(np.float32)
-        shifts = rng.uniform(-self.shift, self.shift, len(image)).astype(np.float32)
+        channels, remainder = divmod(len(image), self.context_copies)
+        if remainder:
+            raise ValueError(f"{len(image)} channels are not {self.context_copies} copies of the same ones")
+        gains = rng.uniform(1 - self.gain, 1 + self.gain, channels)
+        shifts = rng.uniform(-self.shift, self.shift, channels)
+        gains, shifts = (np.tile(v, self.context_copies).astype(np.float32) for v in (gains, shifts))
         expand = (slice(None),) + (None,) * (image.ndim - 1)
         return image * gains[expand] + shifts[expand], label
 
@@ -128,11 +138,14 @@ def build_transform(
     intensity: float = 0.0,
     affine_prob: float = 1.0,
     spacing: Sequence[float] | None = None,
+    context_copies: int = 1,
 ) -> Compose | None:
-    """The training augmentation from its settings; None when every setting is off."""
+    """The training augmentation from its settings; None when every setting is off.
+
+    context_copies: slices per sample that share their channels' intensity jitter (2.5D input)."""
     transforms = []
     if scale or degrees or flip_prob:
         transforms.append(RandomAffine(scale, degrees, flip_prob, flip_axes, affine_prob, spacing))
     if intensity:
-        transforms.append(IntensityJitter(gain=intensity, shift=intensity))
+        transforms.append(IntensityJitter(gain=intensity, shift=intensity, context_copies=context_copies))
     return Compose(transforms) if transforms else None

@@ -77,6 +77,9 @@ def copy_of(folder: Path, target: Path) -> Path:
         ("image_size", 0, "image_size must be at least 8"),
         ("slice_axis", 3, "slice_axis must be 0, 1 or 2"),
         ("edge_slices", -1, "edge_slices must be 0 or more"),
+        ("context_slices", -1, "context_slices must be an integer, 0 or more"),
+        ("context_slices", 1.5, "context_slices must be an integer, 0 or more"),
+        ("context_slices", True, "context_slices must be an integer, 0 or more"),
         ("patch_size", [32, 32], r"patch_size must be 3 positive sizes"),
         ("foreground_jitter", 1.5, r"foreground_jitter must be in \[0, 1\]"),
         ("batch_size", 0, "batch_size must be at least 1"),
@@ -93,6 +96,11 @@ def test_an_impossible_setting_is_refused_before_any_data_is_read(
     monkeypatch.setattr("engine.find_sources", never)
     with pytest.raises(ValueError, match=message):
         train(tiny(tmp_path, tmp_path / "data", **{setting: value}))
+
+
+def test_neighbouring_slices_as_channels_are_refused_for_a_3d_network_before_any_data_is_read(tmp_path):
+    with pytest.raises(ValueError, match="context_slices is for 2D networks; 'vnet' is 3D"):
+        train(tiny(tmp_path, tmp_path / "data", model="vnet", context_slices=1))
 
 
 def test_a_cache_inside_the_data_folder_is_refused(tmp_path, hippocampus):

@@ -209,6 +209,34 @@ def test_the_slice_dataset_serves_channels_first_tensors_drawn_by_weight():
         assert int(y.sum()) == 4
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_slice_with_context_holds_its_neighbours_channels_in_order_and_repeats_the_edges(axis):
+    image = np.random.default_rng(1).normal(size=(2, 5, 6, 7)).astype(np.float32)
+    length = image.shape[axis + 1]
+    np.testing.assert_array_equal(
+        dataset.slice_with_context(image, 2, axis, 0), np.take(image, 2, axis=axis + 1)
+    )
+    for index in (0, 2, length - 1):
+        stacked = dataset.slice_with_context(image, index, axis, 2)
+        assert stacked.shape[0] == 2 * 5
+        for offset in range(-2, 3):
+            neighbour = np.take(image, min(max(index + offset, 0), length - 1), axis=axis + 1)
+            for channel in range(2):
+                np.testing.assert_array_equal(stacked[(offset + 2) * 2 + channel], neighbour[channel])
+
+
+def test_the_slice_dataset_serves_the_neighbouring_slices_as_channels():
+    image = np.random.default_rng(0).normal(size=(3, 5, 8, 8)).astype(np.float32)
+    label = np.zeros((5, 8, 8), np.uint8)
+    label[3, 2:4, 2:4] = 1
+    only_slice_3 = np.zeros(5)
+    only_slice_3[3] = 1.0
+    x, y = SliceDataset([Case.from_arrays("a", image, label)], only_slice_3, context_slices=1)[0]
+    assert x.shape == (9, 8, 8)
+    np.testing.assert_array_equal(x.numpy(), np.concatenate([image[:, 2], image[:, 3], image[:, 4]]))
+    np.testing.assert_array_equal(y[0].numpy(), label[3])
+
+
 def test_a_training_sample_is_a_function_of_the_seed_and_its_number_only():
     label = np.zeros((12, 12, 12), np.uint8)
     label[4:8, 4:8, 4:8] = 1

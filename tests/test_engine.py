@@ -10,6 +10,7 @@ import tifffile
 import torch
 from PIL import Image
 
+import dataset
 import engine
 from dataset import Case, find_sources, prepare_cases, read_source, to_source_grid
 from engine import (
@@ -362,6 +363,30 @@ def test_mirror_tta_flips_the_trained_axes_at_inference_only(tmp_path, hippocamp
     with torch.no_grad():
         expected = (model(slices) + model(slices.flip(2)).flip(2)).movedim(0, 1) / 2
     assert torch.allclose(predict_case(model, image, torch.device("cpu"), {}, config), expected, atol=1e-5)
+
+
+def test_a_25d_network_sees_at_inference_the_neighbours_it_was_trained_with(tmp_path, brain):
+    config = tiny(tmp_path, data_dir=str(brain), image_size=32, batch_size=4, context_slices=1)
+    train(config)
+    _, args, model = load_run(config.run_dir, torch.device("cpu"))
+    first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == 3 * 3  # three image channels of three slices
+    cases, _, _ = load_cases(config, plan=args["plan"])
+    loader, _ = training_data(cases, config, spatial_dims=2, shapes=args["shapes"])
+    image, _ = next(iter(loader))
+    assert image.shape[1] == 9
+    case = cases[0]
+    slices = torch.from_numpy(np.array(case.image)).movedim(1, 0)
+    for start in (0, 4):
+        batch = engine.slice_batch(slices, start, start + 4, context_slices=1)
+        for row, index in enumerate(range(start, min(start + 4, len(slices)))):
+            expected = dataset.slice_with_context(np.asarray(case.image), index, 0, 1)
+            np.testing.assert_array_equal(batch[row].numpy(), expected)
+    logits = predict_case(model, case.image, torch.device("cpu"), args["shapes"], config)
+    with torch.no_grad():
+        expected = model(engine.slice_batch(slices, 0, len(slices), context_slices=1)).movedim(0, 1)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert len(evaluate(config.run_dir, subsets=["test"])["rows"]) == 1
 
 
 def test_an_ensemble_averages_probabilities_not_logits():

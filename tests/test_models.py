@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention_unet import AttentionUNet
+from config import VOLUMETRIC_MODELS
 from models import MODELS, build_model, count_parameters
 from res_unet import ResUNet
 from unet import UNet
@@ -85,6 +86,10 @@ def test_build_model_builds_each_name_with_its_dimensions(name):
     with torch.no_grad():
         logits = model.eval()(torch.randn(1, 2, *spatial))
     assert logits.shape == (1, 3, *spatial)
+
+
+def test_the_settings_know_which_networks_are_3d():
+    assert set(VOLUMETRIC_MODELS) == {name for name, (_, dims) in EXPECTED.items() if dims == 3}
 
 
 def test_build_model_passes_options_through():

@@ -104,3 +104,29 @@ def test_rotations_act_in_millimetres_on_anisotropic_voxels():
         assert abs(int(rigid.sum()) - int(label.sum())) < 0.08 * label.sum()
         assert np.ptp(extents(rigid)) <= 3.0  # still round, to one voxel along z
         assert np.ptp(extents(sheared)) >= 6.0  # a voxel-space rotation stretches it by two z voxels or more
+
+
+def test_neighbouring_slices_of_one_channel_share_its_intensity_jitter():
+    image = np.ones((6, 4, 4), np.float32)  # 3 slices (2.5D) of 2 channels, in slice_with_context order
+    label = np.zeros((4, 4), np.uint8)
+    jittered, _ = IntensityJitter(gain=0.2, shift=0.2, prob=1.0, context_copies=3)(image, label, rng(1))
+    np.testing.assert_array_equal(jittered[0], jittered[2])
+    np.testing.assert_array_equal(jittered[0], jittered[4])
+    np.testing.assert_array_equal(jittered[1], jittered[5])
+    assert jittered[0, 0, 0] != jittered[1, 0, 0]
+
+
+def test_one_slice_of_context_draws_the_same_jitter_as_before_context_existed():
+    image = np.random.default_rng(0).normal(size=(3, 4, 4)).astype(np.float32)
+    label = np.zeros((4, 4), np.uint8)
+    plain, _ = IntensityJitter(gain=0.2, shift=0.2, prob=1.0)(image, label, rng(3))
+    generator = rng(3)
+    generator.random()
+    gains = generator.uniform(0.8, 1.2, 3).astype(np.float32)
+    shifts = generator.uniform(-0.2, 0.2, 3).astype(np.float32)
+    np.testing.assert_array_equal(plain, image * gains[:, None, None] + shifts[:, None, None])
+
+
+def test_channels_that_are_not_whole_copies_are_an_error():
+    with pytest.raises(ValueError, match="5 channels are not 3 copies of the same ones"):
+        IntensityJitter(prob=1.0, context_copies=3)(np.ones((5, 4, 4), np.float32), np.zeros((4, 4)), rng(0))
