@@ -224,10 +224,12 @@ def case_metrics(
     """One metrics-table row for a case, before and after post-processing (`postprocessed`: the labels
     already post-processed by the caller, who needs them too: a real-size CT is not processed twice).
 
-    Columns, in order: `case`, `dsc_<name>` per class, `dsc_mean` (mean over the classes),
-    `hd95_<name>` per class (mm with `spacing`, voxels without), `missed_<name>` (1 when the class is
-    in the truth but not predicted, or predicted but absent from the truth, else 0), then the same DSC,
-    HD95 and missed columns on the post-processed labels with suffix `_pp`. A missed class gets the
+    Columns, in order: `case`, `dsc_<name>` per class, `dsc_mean` (mean over the classes), then per
+    class `hd95_<name>` (mm with `spacing`, voxels without), `missed_<name>` (1 when the class is in the
+    truth but not predicted, or predicted but absent from the truth, else 0), `fn_<name>` and `fp_<name>`
+    (voxels missed and voxels falsely predicted, as nnU-Net's summary counts them) and `voxels_<name>`
+    (voxels in the truth), then the same columns but the truth's voxel count on the post-processed labels
+    with suffix `_pp`. A missed class gets the
     HD95 penalty of `hd95_penalty` (the image diagonal) rather than NaN, so that misses count in the
     mean; a class absent from both gets HD95 0 (and DSC 1). Binary tasks pass class_names={1: "tumour"}.
     """
@@ -257,6 +259,10 @@ def case_metrics(
             else:
                 distance = hausdorff95(predicted, true, spacing) if true.any() else 0.0
                 row[f"hd95_{name}{suffix}"], row[f"missed_{name}{suffix}"] = distance, 0
+            row[f"fn_{name}{suffix}"] = int(np.count_nonzero(true & ~predicted))
+            row[f"fp_{name}{suffix}"] = int(np.count_nonzero(predicted & ~true))
+            if not suffix:
+                row[f"voxels_{name}"] = int(np.count_nonzero(true))
     return row
 
 

@@ -236,17 +236,17 @@ def test_once_candidates_have_every_seed_the_demo_selection_chooses_by_the_seed_
     assert "chosen_minus_this" not in summary["steady"]
 
 
-def test_demo_errors_counts_missed_and_false_pixels():
+def test_demo_errors_counts_missed_and_false_pixels_from_the_metrics_row():
     import demo_errors
+
+    from utils import case_metrics
 
     truth = np.zeros((2, 4, 4), np.uint8)
     truth[0, :2, :2] = 1  # 4 tumour pixels
     predicted = np.zeros_like(truth)
     predicted[0, 0, :3] = 1  # 2 of them found, 1 false
-    errors = demo_errors.pixel_errors(predicted, truth)
-    assert errors == {"true": 4, "predicted": 3, "missed": 2, "false": 1}
-    assert demo_errors.dice(errors) == pytest.approx(2 * 2 / 7)
-    assert demo_errors.dice(demo_errors.pixel_errors(np.zeros_like(truth), np.zeros_like(truth))) == 1.0
+    row = case_metrics("a", predicted, truth, {1: "tumour"})
+    assert demo_errors.case_errors(row) == {"true": 4, "predicted": 3, "missed": 2, "false": 1}
 
 
 def test_the_notebook_defaults_are_the_demo_selection_s_chosen_candidate():

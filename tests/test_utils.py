@@ -213,12 +213,19 @@ def test_case_metrics_reports_scores_before_and_after_post_processing():
         "dsc_mean",
         "hd95_tumour",
         "missed_tumour",
+        "fn_tumour",
+        "fp_tumour",
+        "voxels_tumour",
         "dsc_tumour_pp",
         "dsc_mean_pp",
         "hd95_tumour_pp",
         "missed_tumour_pp",
+        "fn_tumour_pp",
+        "fp_tumour_pp",
     ]
     assert row["case"] == "case-7"
+    assert (row["fn_tumour"], row["fp_tumour"], row["voxels_tumour"]) == (0, 1, 4)
+    assert (row["fn_tumour_pp"], row["fp_tumour_pp"]) == (0, 0)
     assert row["dsc_tumour"] == pytest.approx(2 * 4 / (5 + 4))
     assert row["dsc_mean"] == pytest.approx(2 * 4 / (5 + 4))
     # 8 distances of 0 and the stray pixel's sqrt(3^2 + 5^2): percentile index 0.95 * 8 = 7.6
@@ -247,6 +254,8 @@ def test_case_metrics_averages_classes_and_scales_hd95_by_spacing():
     assert row["dsc_mean"] == pytest.approx(0.5)
     assert row["hd95_liver"] == 0.0
     assert row["hd95_lesion"] == pytest.approx(2.0)
+    assert (row["fn_lesion"], row["fp_lesion"], row["voxels_lesion"]) == (2, 2, 2)
+    assert (row["fn_liver"], row["fp_liver"], row["voxels_liver"]) == (0, 0, 2)
     assert row["dsc_mean_pp"] == pytest.approx(0.5)
 
 
