@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from utils import bootstrap_p_value
+
 # False positives per scan at which the challenge reads the sensitivity; the CPM is their mean.
 OPERATING_POINTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # Diameter the script assumes for a finding whose diameter is unknown (negative, -1 in the files).
@@ -590,14 +592,13 @@ def paired_cpm_difference(
         raise ValueError("no bootstrap resample holds a nodule; use more iterations or more scans")
     values = np.array(differences)
     lower, upper = _order_statistics(values, confidence)
-    tail = min(np.count_nonzero(values <= 0.0), np.count_nonzero(values >= 0.0))
     return PairedCpm(
         cpm_a=cpm_a,
         cpm_b=cpm_b,
         difference=cpm_a - cpm_b,
         lower=float(lower),
         upper=float(upper),
-        p_value=min(1.0, 2.0 * (tail + 1) / (values.size + 1)),
+        p_value=bootstrap_p_value(values),
         iterations=iterations,
         samples_used=values.size,
         confidence=confidence,

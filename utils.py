@@ -212,6 +212,18 @@ def hd95_penalty(shape: Sequence[int], spacing: Sequence[float] | None = None) -
     return float(math.sqrt(sum((size * step) ** 2 for size, step in zip(shape, spacing, strict=True))))
 
 
+def bootstrap_p_value(differences: np.ndarray) -> float:
+    """Two-sided p of a zero mean difference from its bootstrap resamples: twice the smaller tail beyond 0,
+    add-one smoothed (never 0 from a finite number of resamples).
+
+    It is below α exactly when 0 lies outside the (1 − α) percentile interval (up to the smoothing).
+    """
+    differences = np.asarray(differences)
+    at_or_below = np.count_nonzero(differences <= 0.0)
+    at_or_above = np.count_nonzero(differences >= 0.0)
+    return float(min(1.0, 2.0 * (min(at_or_below, at_or_above) + 1) / (differences.size + 1)))
+
+
 def case_metrics(
     case_id: str,
     pred_labels: np.ndarray,

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats as scipy_stats
 
+from utils import bootstrap_p_value
+
 ALPHA = 0.05
 
 
@@ -118,16 +120,6 @@ def aligned_pairs(
     if len(a) != len(b):
         raise ValueError(f"paired values need the same cases: {len(a)} values against {len(b)}")
     return finite_values(a, "a"), finite_values(b, "b")
-
-
-def bootstrap_p_value(means: np.ndarray) -> float:
-    """Two-sided p of a zero mean difference: twice the smaller bootstrap tail beyond 0, add-one smoothed.
-
-    It is below α exactly when 0 lies outside the (1 − α) percentile interval (up to the smoothing).
-    """
-    at_or_below = np.count_nonzero(means <= 0.0)
-    at_or_above = np.count_nonzero(means >= 0.0)
-    return min(1.0, 2.0 * (min(at_or_below, at_or_above) + 1) / (means.size + 1))
 
 
 def wilcoxon_p_value(a: np.ndarray, b: np.ndarray) -> float:

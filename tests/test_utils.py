@@ -525,3 +525,11 @@ def test_radiological_view_turns_flipped_scans_to_anterior_up_and_patient_right_
     order, flips = utils.radiological_view(sagittal)
     assert order == (2, 1, 0) and flips == (False, False, False)
     assert utils.to_view(array, (order, flips)).shape == (4, 3, 2)
+
+
+def test_the_bootstrap_p_value_doubles_the_smaller_tail_with_add_one_smoothing():
+    # 9 resampled differences, 2 of them at or below 0: p = 2 * (2 + 1) / (9 + 1)
+    differences = np.array([-0.1, 0.0, 0.2, 0.3, 0.1, 0.4, 0.5, 0.2, 0.1])
+    assert utils.bootstrap_p_value(differences) == pytest.approx(0.6)
+    assert utils.bootstrap_p_value(np.full(99, 0.5)) == pytest.approx(2 / 100)  # never 0
+    assert utils.bootstrap_p_value(np.zeros(5)) == 1.0  # capped: both tails hold every zero
