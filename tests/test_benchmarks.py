@@ -193,9 +193,10 @@ def test_the_readme_quotes_the_demo_results_file():
     assert demo_summary.sentence(record) in (REPO / "README.md").read_text()
 
 
-def _development_record(name, values, seed=42):
+def _development_record(name, values, seed=42, time_budget_minutes=None):
     cases = dict(zip(("p1", "p2", "p3", "p4"), values, strict=True))
-    return {"config": name, "seed": seed, "development_dsc": cases}
+    parameters = {"time_budget_minutes": time_budget_minutes}
+    return {"config": name, "seed": seed, "development_dsc": cases, "parameters": parameters}
 
 
 def test_the_demo_selection_chooses_by_development_patients_and_pairs_each_candidate_with_the_defaults():
@@ -234,6 +235,22 @@ def test_once_candidates_have_every_seed_the_demo_selection_chooses_by_the_seed_
     assert summary["steady"]["development_dsc_mean"] == pytest.approx(0.8875)
     assert summary["erratic"]["chosen_minus_this"]["mean_difference"] == pytest.approx(0.0625)
     assert "chosen_minus_this" not in summary["steady"]
+
+
+def test_once_a_finalist_bounds_its_training_time_only_such_finalists_compete():
+    import demo_selection
+
+    first, second = demo_selection.SEEDS
+    records = [
+        _development_record("epochs_only", [0.95, 0.95, 0.95, 0.95], first),
+        _development_record("epochs_only", [0.95, 0.95, 0.95, 0.95], second),
+        _development_record("bounded_early", [0.70, 0.70, 0.70, 0.70], first, time_budget_minutes=7),
+    ]
+    assert demo_selection.mark_chosen(records) == "epochs_only"  # no bounded finalist yet: both seeds needed
+    records.append(_development_record("bounded_early", [0.8] * 4, second, time_budget_minutes=7))
+    assert demo_selection.mark_chosen(records) == "bounded_early"  # worse, but the only one that fits
+    summary = demo_selection.final_summary(records, "bounded_early")
+    assert summary["epochs_only"]["chosen_minus_this"]["mean_difference"] == pytest.approx(-0.2)
 
 
 def test_demo_errors_counts_missed_and_false_pixels_from_the_metrics_row():
