@@ -241,9 +241,9 @@ def case_metrics(
     truth but not predicted, or predicted but absent from the truth, else 0), `fn_<name>` and `fp_<name>`
     (voxels missed and voxels falsely predicted, as nnU-Net's summary counts them) and `voxels_<name>`
     (voxels in the truth), then the same columns but the truth's voxel count on the post-processed labels
-    with suffix `_pp`. A missed class gets the
-    HD95 penalty of `hd95_penalty` (the image diagonal) rather than NaN, so that misses count in the
-    mean; a class absent from both gets HD95 0 (and DSC 1). Binary tasks pass class_names={1: "tumour"}.
+    with suffix `_pp`. A missed class gets the HD95 penalty of `hd95_penalty` (the image diagonal) rather
+    than NaN, so that misses count in the mean; a class absent from both gets HD95 0 (and DSC 1). Binary
+    tasks pass class_names={1: "tumour"}.
     """
     if not class_names:
         raise ValueError("class_names must name at least one foreground class, e.g. {1: 'tumour'}")
