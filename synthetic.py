@@ -46,6 +46,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -481,18 +482,30 @@ def make_kaggle_3m(
 
 
 DEMO_DATA_DIR = Path("data") / KAGGLE_3M_FOLDER
-DEMO_PATIENTS = 24
+DEMO_PATIENTS = 64  # 48 train, 8 validate, 8 test (chosen on development patients, report.md)
 
 
 def ensure_demo_data(data_dir: str | Path = DEMO_DATA_DIR) -> Path:
-    """Generate the demo set (24 synthetic patients, seed 0) when data_dir is the demo folder and absent.
+    """Generate the demo set (DEMO_PATIENTS patients, seed 0) when data_dir is the demo folder and absent.
 
-    Any other folder is the user's data: it is returned untouched, never generated or written.
+    Any other folder is the user's data: it is returned untouched, never generated or written. A demo folder
+    that holds another number of patients (made by an earlier version, or the user's own data put there) is
+    used as it is, with a warning, since its figures will not be the README's.
     """
     data_dir = Path(data_dir)
-    if data_dir.resolve() == DEMO_DATA_DIR.resolve() and not data_dir.exists():
+    if data_dir.resolve() != DEMO_DATA_DIR.resolve():
+        return data_dir
+    if not data_dir.exists():
         make_kaggle_3m(data_dir.parent, n_patients=DEMO_PATIENTS, seed=0)
         print(f"generated the synthetic demo data set in {data_dir}")
+        return data_dir
+    patients = sum(1 for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if patients != DEMO_PATIENTS:
+        warnings.warn(
+            f"{data_dir} holds {patients} patient folders, not the {DEMO_PATIENTS} that the demo generates: "
+            f"using it as it is; delete it to have the demo set generated again",
+            stacklevel=2,
+        )
     return data_dir
 
 

@@ -1,7 +1,7 @@
 """The demo's numbers, from the run `make demo` just wrote: validation and held-out test mean DSC with their
 95% bootstrap intervals and the wall-clock time, into benchmarks/results/demo.json, which README quotes.
 
-Four test patients make a wide interval, so the same run also predicts 24 further patients generated with
+Eight test patients still make a wide interval, so the run also predicts 24 further patients generated with
 another seed (`--unseen`, data/unseen/kaggle_3m), which no choice of the demo's settings has seen.
 
     .venv/bin/python benchmarks/demo_summary.py runs/demo --seconds 290

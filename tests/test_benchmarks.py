@@ -17,7 +17,7 @@ import errors  # noqa: E402
 import numpy as np  # noqa: E402
 import run  # noqa: E402
 
-from synthetic import make_kaggle_3m  # noqa: E402
+from synthetic import DEMO_PATIENTS, make_kaggle_3m  # noqa: E402
 
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "msd-hippocampus"
 needs_real_data = pytest.mark.skipif(
@@ -280,5 +280,7 @@ def test_the_notebook_defaults_are_the_demo_selection_s_chosen_candidate():
     defaults: dict = {}
     exec("".join(cell["source"]), {}, defaults)
     assert chosen["parameters"] == demo_selection.candidate_parameters(chosen["config"])
-    for name, value in chosen["parameters"].items():
+    parameters = dict(chosen["parameters"])
+    assert parameters.pop("demo_patients") == DEMO_PATIENTS
+    for name, value in parameters.items():
         assert defaults[name] == value, name

@@ -244,6 +244,17 @@ def test_demo_data_is_generated_only_for_the_demo_folder(tmp_path, monkeypatch):
     assert len([p for p in made.iterdir() if p.is_dir()]) == synthetic.DEMO_PATIENTS
 
 
+def test_a_demo_folder_of_another_size_is_used_as_it_is_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    synthetic.make_kaggle_3m("data", n_patients=2, slices_per_patient=(6, 8), image_size=32, seed=1)
+    before = all_files(tmp_path)
+    with pytest.warns(
+        UserWarning, match=rf"data/kaggle_3m holds 2 patient folders, not the {synthetic.DEMO_PATIENTS}"
+    ):
+        assert synthetic.ensure_demo_data("data/kaggle_3m") == Path("data/kaggle_3m")
+    assert all_files(tmp_path) == before
+
+
 # ---- LUNA16 stand-in --------------------------------------------------------------------------------------
 
 LUNA_UID = re.compile(r"^1\.3\.6\.1\.4\.1\.14519\.5\.2\.1\.6279\.6001\.[1-9]\d{29}$")
