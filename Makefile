@@ -53,7 +53,9 @@ bench: install
 		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_context1 \
 		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_context1-seed43 \
 		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7 \
-		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7-seed43
+		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7-seed43 \
+		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7_patients64 \
+		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7_patients64-seed43
 	bash benchmarks/cache_speed.sh
 	$(PY) benchmarks/reference_comparison.py --epochs 2 --image-size 128
 	$(PY) benchmarks/run.py --suite brain --budget 2

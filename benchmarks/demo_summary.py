@@ -2,9 +2,11 @@
 95% bootstrap intervals and the wall-clock time, into benchmarks/results/demo.json, which README quotes.
 
 Eight test patients still make a wide interval, so the run also predicts 24 further patients generated with
-another seed (`--unseen`, data/unseen/kaggle_3m), which no choice of the demo's settings has seen.
+another seed (`--unseen`, data/unseen/kaggle_3m), which no choice of the demo's settings has seen. They are
+the same 24 whatever the demo's own split, so two demo records compare on them, paired (`--compare`).
 
     .venv/bin/python benchmarks/demo_summary.py runs/demo --seconds 290
+    .venv/bin/python benchmarks/demo_summary.py --compare earlier_demo.json benchmarks/results/demo.json
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model_speed import cpu_name  # noqa: E402
-from stats import bootstrap_ci  # noqa: E402
+from stats import bootstrap_ci, paired_difference, verdict  # noqa: E402
 
 from engine import evaluate  # noqa: E402
 from synthetic import make_kaggle_3m  # noqa: E402
@@ -79,15 +81,35 @@ def sentence(record: dict) -> str:
     return text
 
 
+def compare_unseen(earlier: dict, later: dict) -> str:
+    """The later demo minus the earlier one over the further patients, paired, as one line."""
+    difference = paired_difference(later["unseen"]["cases"], earlier["unseen"]["cases"])
+    names = (f"{later['date']} ({later['run']})", f"{earlier['date']} ({earlier['run']})")
+    return (
+        f"further patients ({difference.cases}): {later['unseen']['dsc_mean']:.3f} against "
+        f"{earlier['unseen']['dsc_mean']:.3f}, difference {difference.mean_difference:+.3f} "
+        f"({difference.low:+.3f} to {difference.high:+.3f}), {verdict(difference, *names)}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--seconds", type=float, required=True, help="wall-clock seconds of the demo")
+    parser.add_argument("run_dir", type=Path, nargs="?")
+    parser.add_argument("--seconds", type=float, help="wall-clock seconds of the demo")
     parser.add_argument("--output", type=Path, default=RESULT)
     parser.add_argument("--unseen", action="store_true", help="also predict 24 patients of another seed")
+    parser.add_argument(
+        "--compare", nargs=2, type=Path, metavar=("EARLIER", "LATER"), help="two demo records, paired"
+    )
     args = parser.parse_args(argv)
+    if args.compare:
+        earlier, later = (json.loads(path.read_text()) for path in args.compare)
+        print(compare_unseen(earlier, later))
+        return 0
+    if args.run_dir is None or args.seconds is None:
+        parser.error("a run folder and --seconds are needed (or --compare EARLIER LATER)")
     record = summary(args.run_dir, args.seconds)
     if args.unseen:
         record["unseen"] = unseen_summary(args.run_dir)

@@ -40,15 +40,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model_speed import cpu_name  # noqa: E402
-from run import commit, first_cases  # noqa: E402
+from run import brain_data, commit, first_cases  # noqa: E402
 
 from config import TrainConfig  # noqa: E402
 from dataset import find_sources, prepare_cases, split_cases  # noqa: E402
 from engine import _plan  # noqa: E402
-from synthetic import DEMO_PATIENTS, make_kaggle_3m  # noqa: E402
+from synthetic import make_kaggle_3m  # noqa: E402
 
 OUTPUT = REPO / "benchmarks" / "results" / "distributed_speed.json"
-BRAIN_DATA = REPO / "data" / "kaggle_3m"
 HIPPOCAMPUS_DATA = REPO.parent / "shared" / "data" / "msd-hippocampus"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, with this interpreter
 CORES = 2
@@ -110,10 +109,7 @@ def data_folder(name: str, quick: bool, scratch: Path) -> Path | None:
         return None
     if quick:
         return quick_data(name, scratch)
-    if name == "brain" and not BRAIN_DATA.exists():
-        make_kaggle_3m(BRAIN_DATA.parent, n_patients=DEMO_PATIENTS, seed=0)
-        print(f"generated the synthetic demo data set in {BRAIN_DATA}", flush=True)
-    return BRAIN_DATA if name == "brain" else HIPPOCAMPUS_DATA
+    return brain_data() if name == "brain" else HIPPOCAMPUS_DATA
 
 
 def make_config(name: str, data: Path, args: argparse.Namespace, runs: Path, cache: Path) -> TrainConfig:

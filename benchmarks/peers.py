@@ -16,7 +16,7 @@ there at run time (its files are never edited, nothing of it is copied here).
     .venv/bin/python benchmarks/peers.py monai --budget 20
     .venv/bin/python benchmarks/peers.py monai --quick --test-ids hippocampus_008 hippocampus_011
     .venv/bin/python benchmarks/peers.py reference --epochs 10 --image-size 256
-    .venv/bin/python benchmarks/peers.py reference --preprocessing-only --data data/kaggle_3m
+    .venv/bin/python benchmarks/peers.py reference --preprocessing-only --data data/brain-24/kaggle_3m
 
 Records (JSON lists, a re-run with the same settings on the same device replaces its record) go to
 benchmarks/results/peer_<name>.json unless --output says otherwise.
@@ -50,7 +50,6 @@ HIPPOCAMPUS = SHARED / "data" / "msd-hippocampus"
 REFERENCE = SHARED / "peers" / "brain-segmentation-pytorch"
 SPLIT = REPO / "benchmarks" / "split.json"
 RESULTS = REPO / "benchmarks" / "results"
-KAGGLE_3M = REPO / "data" / "kaggle_3m"
 WORKER = "_reference-worker"  # the hidden command the reference's own process runs
 
 CLASSES = {1: "Anterior", 2: "Posterior"}
@@ -752,14 +751,12 @@ def monai_command(args: argparse.Namespace) -> int:
 
 
 def kaggle_data(data: Path | None) -> Path:
-    """The given kaggle_3m folder, or the demo's, generated as benchmarks/run.py does when absent."""
+    """The given kaggle_3m folder, or the brain benchmarks' generated set (benchmarks/run.py: brain_data)."""
     if data is not None:
         return data
-    if not KAGGLE_3M.exists():
-        from synthetic import make_kaggle_3m
+    from run import brain_data
 
-        make_kaggle_3m(KAGGLE_3M.parent, n_patients=24, seed=0)
-    return KAGGLE_3M
+    return brain_data()
 
 
 def reference_command(args: argparse.Namespace) -> int:
@@ -806,7 +803,7 @@ def parser() -> argparse.ArgumentParser:
     monai.add_argument("--test-ids", nargs="+", help="only these test cases of the split")
     monai.add_argument("--quick", action="store_true", help="4 training, 2 validation cases, 1 epoch")
     reference = commands.add_parser("reference", help="the reference course program on kaggle_3m")
-    reference.add_argument("--data", type=Path, help="a kaggle_3m folder (default: data/kaggle_3m)")
+    reference.add_argument("--data", type=Path, help="a kaggle_3m folder (default: data/brain-24/kaggle_3m)")
     reference.add_argument("--epochs", type=int, default=1)
     reference.add_argument("--image-size", type=int, default=256)
     reference.add_argument("--batch-size", type=int, default=16)

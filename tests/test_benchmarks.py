@@ -193,6 +193,26 @@ def test_the_readme_quotes_the_demo_results_file():
     assert demo_summary.sentence(record) in (REPO / "README.md").read_text()
 
 
+def test_two_demo_records_compare_paired_on_the_further_patients_only():
+    import demo_summary
+
+    def record(run, test, further):
+        return {
+            "run": run,
+            "date": "2026-12-03",
+            "test": {"cases": test},
+            "unseen": {"cases": further, "dsc_mean": sum(further.values()) / len(further)},
+        }
+
+    earlier = record("demo", {"t1": 0.2}, {"u1": 0.50, "u2": 0.60, "u3": 0.90, "u4": 0.70})
+    later = record("verify", {"t9": 0.9}, {"u1": 0.60, "u2": 0.70, "u3": 1.00, "u4": 0.80})
+    line = demo_summary.compare_unseen(earlier, later)
+    assert line.startswith("further patients (4): 0.775 against 0.675, difference +0.100 (+0.100 to +0.100)")
+    assert line.endswith("no significant difference (p = 0.125)")  # Wilcoxon, 4 cases: 1/8 at best
+    with pytest.raises(ValueError, match="u4"):
+        demo_summary.compare_unseen(earlier, record("other", {}, {"u1": 0.6, "u2": 0.7, "u3": 1.0}))
+
+
 def _development_record(name, values, seed=42, time_budget_minutes=None):
     cases = dict(zip(("p1", "p2", "p3", "p4"), values, strict=True))
     parameters = {"time_budget_minutes": time_budget_minutes}
