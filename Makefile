@@ -56,6 +56,13 @@ bench: install
 		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7-seed43 \
 		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7_patients64 \
 		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7_patients64-seed43
+	start=$$(date +%s) && \
+	$(PY) -m papermill --cwd . train.ipynb runs/benchmarks/demo-earlier-split.ipynb -p run_name demo-earlier-split \
+		-p runs_dir runs/benchmarks -p resume False -f benchmarks/demo_earlier_split.yaml && \
+	$(PY) -m papermill --cwd . inference.ipynb runs/benchmarks/demo-earlier-split-inference.ipynb \
+		-p run_dir runs/benchmarks/demo-earlier-split && \
+	$(PY) benchmarks/demo_summary.py runs/benchmarks/demo-earlier-split --seconds $$(( $$(date +%s) - start )) \
+		--unseen --output benchmarks/results/demo_earlier_split.json
 	bash benchmarks/cache_speed.sh
 	$(PY) benchmarks/reference_comparison.py --epochs 2 --image-size 128
 	$(PY) benchmarks/run.py --suite brain --budget 2

@@ -45,8 +45,8 @@ class TrainConfig:
     spacing: float | list | None = None  # mm (None: luna 2.5, luna_nodules 1, msd the median)
     hu_window: list | None = None  # CT clip in HU (None: luna -1000..400, luna_nodules -1200..600, msd data)
     lung_labels: list = dataclasses.field(default_factory=lambda: [3, 4])  # luna: mask labels = lung
-    validation_cases: int = 10
-    test_cases: int = 10
+    validation_cases: int | list = 10  # how many cases to draw with split_seed, or the case ids to hold out
+    test_cases: int | list = 10
     model: str = "unet"  # unet, attention_unet, unet_pp, res_unet (2D); unet3d, res_unet3d, vnet (3D)
     init_features: int = 32
     model_options: dict = dataclasses.field(default_factory=dict)
@@ -150,10 +150,20 @@ class TrainConfig:
         )
         require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
         require(self.lr > 0, f"lr must be positive, got {self.lr}")
-        require(
-            self.validation_cases >= 1, f"validation_cases must be at least 1, got {self.validation_cases}"
-        )
-        require(self.test_cases >= 1, f"test_cases must be at least 1, got {self.test_cases}")
+        for name in ("validation_cases", "test_cases"):
+            held_out = getattr(self, name)
+            if isinstance(held_out, list | tuple):
+                require(
+                    len(held_out) >= 1
+                    and all(isinstance(case, str) for case in held_out)
+                    and len(set(held_out)) == len(held_out),
+                    f"{name} as a list must name one or more distinct case ids, got {held_out!r}",
+                )
+            else:
+                require(
+                    type(held_out) is int and held_out >= 1,
+                    f"{name} must be at least 1 (a number of cases) or a list of case ids, got {held_out!r}",
+                )
         require(self.image_size >= 8, f"image_size must be at least 8 pixels, got {self.image_size}")
         require(
             self.slice_axis in (0, 1, 2),

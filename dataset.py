@@ -866,24 +866,51 @@ def read_source(case: Case, plan: dict, info: DatasetInfo) -> SourceCase:
 # ---- the split --------------------------------------------------------------------------------------------
 
 
-def split_cases(case_ids: Sequence[str], validation: int, test: int, seed: int = 42) -> dict[str, list[str]]:
-    """A seeded split by case into train, validation and test (test is never used to choose a model)."""
+def split_cases(
+    case_ids: Sequence[str],
+    validation: int | Sequence[str],
+    test: int | Sequence[str],
+    seed: int = 42,
+) -> dict[str, list[str]]:
+    """A split by case into train, validation and test (test is never used to choose a model).
+
+    Each held-out part is a count, drawn at random with the seed, or a list of case ids taken as named (a
+    published or an earlier split; MONAI datalists and nnU-Net's splits name their cases too). Named cases
+    are set aside first and counts are drawn from the rest, so counts alone give the same split as before.
+    """
     ids = sorted(case_ids)
-    if validation < 1 or test < 0:
+    requested = {"validation": validation, "test": test}
+    named = {part: list(value) for part, value in requested.items() if isinstance(value, list | tuple)}
+    unknown = sorted(set().union(*named.values()) - set(ids))
+    if unknown:
+        raise ValueError(
+            f"Held-out case(s) {unknown} are not in the data set (whose cases begin {ids[:3]}): "
+            "validation_cases and test_cases name cases by id, or give how many to draw at random"
+        )
+    twice = sorted(set(named.get("validation", [])) & set(named.get("test", [])))
+    if twice:
+        raise ValueError(f"Case(s) {twice} are named both for validation and for test")
+    sizes = {part: len(named[part]) if part in named else value for part, value in requested.items()}
+    if sizes["validation"] < 1 or sizes["test"] < 0:
         raise ValueError(
             f"validation_cases must be at least 1 and test_cases at least 0, got {validation}, {test}"
         )
-    if validation + test >= len(ids):
+    if sizes["validation"] + sizes["test"] >= len(ids):
         raise ValueError(
-            f"Cannot hold out {validation} validation and {test} test cases from {len(ids)}: "
-            "at least one case must remain for training"
+            f"Cannot hold out {sizes['validation']} validation and {sizes['test']} test cases from "
+            f"{len(ids)}: at least one case must remain for training"
         )
-    order = np.random.default_rng(seed).permutation(len(ids))
-    shuffled = [ids[i] for i in order]
+    rest = [case for case in ids if case not in set().union(*named.values())]
+    drawn = iter([rest[i] for i in np.random.default_rng(seed).permutation(len(rest))])
+    held_out = {
+        part: named[part] if part in named else [next(drawn) for _ in range(requested[part])]
+        for part in requested
+    }
+    kept_out = set(held_out["validation"]) | set(held_out["test"])
     return {
-        "train": sorted(shuffled[validation + test :]),
-        "validation": sorted(shuffled[:validation]),
-        "test": sorted(shuffled[validation : validation + test]),
+        "train": [case for case in ids if case not in kept_out],
+        "validation": sorted(held_out["validation"]),
+        "test": sorted(held_out["test"]),
     }
 
 

@@ -3,7 +3,8 @@
 
 Eight test patients still make a wide interval, so the run also predicts 24 further patients generated with
 another seed (`--unseen`, data/unseen/kaggle_3m), which no choice of the demo's settings has seen. They are
-the same 24 whatever the demo's own split, so two demo records compare on them, paired (`--compare`).
+the same 24 whatever the demo's own split, so two demo records compare on them, paired (`--compare`), and on
+their test patients where these are the same.
 
     .venv/bin/python benchmarks/demo_summary.py runs/demo --seconds 290
     .venv/bin/python benchmarks/demo_summary.py --compare earlier_demo.json benchmarks/results/demo.json
@@ -81,15 +82,26 @@ def sentence(record: dict) -> str:
     return text
 
 
-def compare_unseen(earlier: dict, later: dict) -> str:
-    """The later demo minus the earlier one over the further patients, paired, as one line."""
-    difference = paired_difference(later["unseen"]["cases"], earlier["unseen"]["cases"])
-    names = (f"{later['date']} ({later['run']})", f"{earlier['date']} ({earlier['run']})")
-    return (
-        f"further patients ({difference.cases}): {later['unseen']['dsc_mean']:.3f} against "
-        f"{earlier['unseen']['dsc_mean']:.3f}, difference {difference.mean_difference:+.3f} "
-        f"({difference.low:+.3f} to {difference.high:+.3f}), {verdict(difference, *names)}"
-    )
+SUBSET_NAMES = {"test": "test patients", "unseen": "further patients"}
+
+
+def compare_records(earlier: dict, later: dict) -> list[str]:
+    """The later demo minus the earlier one, paired, on each subset whose patients both records share."""
+    lines = []
+    for subset, label in SUBSET_NAMES.items():
+        if subset not in earlier or subset not in later:
+            continue
+        if set(earlier[subset]["cases"]) != set(later[subset]["cases"]):
+            lines.append(f"{label}: not the same patients, not compared")
+            continue
+        difference = paired_difference(later[subset]["cases"], earlier[subset]["cases"])
+        names = (f"{later['date']} ({later['run']})", f"{earlier['date']} ({earlier['run']})")
+        lines.append(
+            f"{label} ({difference.cases}): {later[subset]['dsc_mean']:.3f} against "
+            f"{earlier[subset]['dsc_mean']:.3f}, difference {difference.mean_difference:+.3f} "
+            f"({difference.low:+.3f} to {difference.high:+.3f}), {verdict(difference, *names)}"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.compare:
         earlier, later = (json.loads(path.read_text()) for path in args.compare)
-        print(compare_unseen(earlier, later))
+        print("\n".join(compare_records(earlier, later)))
         return 0
     if args.run_dir is None or args.seconds is None:
         parser.error("a run folder and --seconds are needed (or --compare EARLIER LATER)")

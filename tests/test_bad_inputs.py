@@ -12,6 +12,7 @@ import torch
 
 import utils
 from config import TrainConfig
+from dataset import find_sources
 from engine import evaluate, load_run, train
 from synthetic import make_decathlon, make_kaggle_3m
 from volumes import read_volume, write_volume
@@ -74,6 +75,10 @@ def copy_of(folder: Path, target: Path) -> Path:
         ("validation_cases", 0, "validation_cases must be at least 1"),
         ("validation_cases", -2, "validation_cases must be at least 1"),
         ("test_cases", -1, "test_cases must be at least 1"),
+        ("test_cases", True, "test_cases must be at least 1"),
+        ("test_cases", [], "test_cases as a list must name one or more distinct case ids"),
+        ("validation_cases", ["a", "a"], "validation_cases as a list must name one or more distinct"),
+        ("validation_cases", [3], "validation_cases as a list must name one or more distinct case ids"),
         ("image_size", 0, "image_size must be at least 8"),
         ("slice_axis", 3, "slice_axis must be 0, 1 or 2"),
         ("edge_slices", -1, "edge_slices must be 0 or more"),
@@ -96,6 +101,21 @@ def test_an_impossible_setting_is_refused_before_any_data_is_read(
     monkeypatch.setattr("engine.find_sources", never)
     with pytest.raises(ValueError, match=message):
         train(tiny(tmp_path, tmp_path / "data", **{setting: value}))
+
+
+def test_a_named_held_out_case_missing_from_the_data_is_refused_before_preprocessing(tmp_path, hippocampus):
+    with pytest.raises(ValueError, match=r"\['hippocampus_999'\] are not in the data set"):
+        train(tiny(tmp_path, hippocampus, test_cases=["hippocampus_999"]))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_named_held_out_cases_are_the_run_s_validation_and_test_cases(tmp_path, hippocampus):
+    case_ids = sorted(source.case_id for source in find_sources("msd", hippocampus)[0])
+    validation, test = [case_ids[3]], [case_ids[0], case_ids[4]]
+    train(tiny(tmp_path, hippocampus, validation_cases=validation, test_cases=test))
+    split = json.loads((tmp_path / "runs" / "run" / "args.json").read_text())["split"]
+    assert (split["validation"], split["test"]) == (validation, test)
+    assert split["train"] == case_ids[1:3]
 
 
 def test_neighbouring_slices_as_channels_are_refused_for_a_3d_network_before_any_data_is_read(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -17,6 +18,7 @@ import errors  # noqa: E402
 import numpy as np  # noqa: E402
 import run  # noqa: E402
 
+from dataset import split_cases  # noqa: E402
 from synthetic import DEMO_PATIENTS, make_kaggle_3m  # noqa: E402
 
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "msd-hippocampus"
@@ -193,24 +195,42 @@ def test_the_readme_quotes_the_demo_results_file():
     assert demo_summary.sentence(record) in (REPO / "README.md").read_text()
 
 
-def test_two_demo_records_compare_paired_on_the_further_patients_only():
+def test_the_earlier_split_file_holds_out_the_24_patient_demo_s_patients_which_the_64_patient_set_holds(
+    tmp_path,
+):
+    def patient_ids(count: int) -> list[str]:
+        data = make_kaggle_3m(tmp_path / str(count), count, slices_per_patient=(6, 6), image_size=32, seed=0)
+        return sorted(p.name for p in data.iterdir() if p.is_dir())
+
+    earlier_ids = patient_ids(24)
+    earlier = split_cases(earlier_ids, validation=4, test=4, seed=42)
+    named = yaml.safe_load((REPO / "benchmarks" / "demo_earlier_split.yaml").read_text())
+    assert named == {"validation_cases": earlier["validation"], "test_cases": earlier["test"]}
+    assert set(earlier_ids) <= set(patient_ids(DEMO_PATIENTS))
+
+
+def test_two_demo_records_compare_paired_on_the_subsets_whose_patients_they_share():
     import demo_summary
 
     def record(run, test, further):
-        return {
-            "run": run,
-            "date": "2026-12-03",
-            "test": {"cases": test},
-            "unseen": {"cases": further, "dsc_mean": sum(further.values()) / len(further)},
+        subsets = {"test": test, "unseen": further}
+        return {"run": run, "date": "2026-12-03"} | {
+            subset: {"cases": cases, "dsc_mean": sum(cases.values()) / len(cases)}
+            for subset, cases in subsets.items()
         }
 
     earlier = record("demo", {"t1": 0.2}, {"u1": 0.50, "u2": 0.60, "u3": 0.90, "u4": 0.70})
     later = record("verify", {"t9": 0.9}, {"u1": 0.60, "u2": 0.70, "u3": 1.00, "u4": 0.80})
-    line = demo_summary.compare_unseen(earlier, later)
-    assert line.startswith("further patients (4): 0.775 against 0.675, difference +0.100 (+0.100 to +0.100)")
-    assert line.endswith("no significant difference (p = 0.125)")  # Wilcoxon, 4 cases: 1/8 at best
-    with pytest.raises(ValueError, match="u4"):
-        demo_summary.compare_unseen(earlier, record("other", {}, {"u1": 0.6, "u2": 0.7, "u3": 1.0}))
+    test, further = demo_summary.compare_records(earlier, later)
+    assert test == "test patients: not the same patients, not compared"
+    assert further.startswith(
+        "further patients (4): 0.775 against 0.675, difference +0.100 (+0.100 to +0.100)"
+    )
+    assert further.endswith("no significant difference (p = 0.125)")  # Wilcoxon, 4 cases: 1/8 at best
+    same_test = record("again", {"t1": 0.5}, {"u1": 0.6, "u2": 0.7, "u3": 1.0})
+    test, further = demo_summary.compare_records(earlier, same_test)
+    assert test.startswith("test patients (1): 0.500 against 0.200, difference +0.300")
+    assert further == "further patients: not the same patients, not compared"
 
 
 def _development_record(name, values, seed=42, time_budget_minutes=None):

@@ -164,6 +164,37 @@ def test_the_split_is_seeded_disjoint_and_complete():
         split_cases(ids[:5], validation=3, test=2)
 
 
+def test_counts_alone_draw_the_seeded_permutation_of_the_sorted_ids():
+    ids = [f"case{i:02d}" for i in range(12)]
+    shuffled = [ids[i] for i in np.random.default_rng(7).permutation(12)]
+    split = split_cases(ids, validation=3, test=2, seed=7)
+    assert split["validation"] == sorted(shuffled[:3])
+    assert split["test"] == sorted(shuffled[3:5])
+    assert split["train"] == sorted(shuffled[5:])
+
+
+def test_named_held_out_cases_are_kept_and_counts_are_drawn_from_the_rest():
+    ids = [f"case{i:02d}" for i in range(12)]
+    split = split_cases(ids, validation=3, test=["case05", "case00"], seed=7)
+    assert split["test"] == ["case00", "case05"]
+    rest = [case for case in ids if case not in ("case00", "case05")]
+    assert split["validation"] == sorted(rest[i] for i in np.random.default_rng(7).permutation(10)[:3])
+    assert sorted(split["train"] + split["validation"]) == rest
+    both = split_cases(ids, validation=["case11"], test=["case01", "case02"])
+    assert (both["validation"], both["test"]) == (["case11"], ["case01", "case02"])
+    assert len(both["train"]) == 9
+
+
+def test_named_held_out_cases_must_exist_and_appear_once():
+    ids = [f"case{i:02d}" for i in range(6)]
+    with pytest.raises(ValueError, match=r"\['case99'\] are not in the data set"):
+        split_cases(ids, validation=2, test=["case01", "case99"])
+    with pytest.raises(ValueError, match=r"\['case01'\] are named both for validation and for test"):
+        split_cases(ids, validation=["case01"], test=["case01", "case02"])
+    with pytest.raises(ValueError, match="at least one case must remain for training"):
+        split_cases(ids, validation=3, test=["case00", "case01", "case02"])
+
+
 def test_sampling_weights_follow_tumour_area_and_survive_an_empty_case():
     with_tumour = np.zeros((4, 8, 8), np.uint8)
     with_tumour[1, :2, :2] = 1  # area 4
