@@ -881,7 +881,8 @@ def split_cases(
     ids = sorted(case_ids)
     requested = {"validation": validation, "test": test}
     named = {part: list(value) for part, value in requested.items() if isinstance(value, list | tuple)}
-    unknown = sorted(set().union(*named.values()) - set(ids))
+    set_aside = set().union(*named.values())
+    unknown = sorted(set_aside - set(ids))
     if unknown:
         raise ValueError(
             f"Held-out case(s) {unknown} are not in the data set (whose cases begin {ids[:3]}): "
@@ -900,7 +901,7 @@ def split_cases(
             f"Cannot hold out {sizes['validation']} validation and {sizes['test']} test cases from "
             f"{len(ids)}: at least one case must remain for training"
         )
-    rest = [case for case in ids if case not in set().union(*named.values())]
+    rest = [case for case in ids if case not in set_aside]
     drawn = iter([rest[i] for i in np.random.default_rng(seed).permutation(len(rest))])
     held_out = {
         part: named[part] if part in named else [next(drawn) for _ in range(requested[part])]

@@ -55,10 +55,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model_speed import cpu_name  # noqa: E402
+from run import generated_demo_set  # noqa: E402
 from stats import bootstrap_ci, choose_by_validation, paired_difference, verdict  # noqa: E402
 
 from engine import evaluate  # noqa: E402
-from synthetic import DEMO_DATA_DIR, DEMO_PATIENTS, KAGGLE_3M_FOLDER, make_kaggle_3m  # noqa: E402
+from synthetic import DEMO_DATA_DIR, DEMO_PATIENTS, make_kaggle_3m  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "demo_selection.json"
 DEVELOPMENT = REPO / "data" / "development"
@@ -178,14 +179,10 @@ def demo_data_dir(patients: int) -> str:
     """train.ipynb's data_dir for a generated demo set of this many patients (seed 0, as make demo makes it).
 
     The demo's own size is the demo folder, which train.ipynb generates when it is missing; any other size
-    is generated once beside it, so that a candidate trains on exactly the set make demo would make.
+    is generated once beside it (run.generated_demo_set, shared with the brain benchmarks' 24 patients), so
+    that a candidate trains on exactly the set make demo would make.
     """
-    if patients == DEMO_PATIENTS:
-        return str(DEMO_DATA_DIR)
-    folder = REPO / "data" / f"demo-{patients}" / KAGGLE_3M_FOLDER
-    if not folder.is_dir():
-        make_kaggle_3m(folder.parent, n_patients=patients, seed=0)
-    return str(folder)
+    return str(DEMO_DATA_DIR if patients == DEMO_PATIENTS else generated_demo_set(patients))
 
 
 def run_name(name: str, seed: int) -> str:

@@ -16,7 +16,7 @@ there at run time (its files are never edited, nothing of it is copied here).
     .venv/bin/python benchmarks/peers.py monai --budget 20
     .venv/bin/python benchmarks/peers.py monai --quick --test-ids hippocampus_008 hippocampus_011
     .venv/bin/python benchmarks/peers.py reference --epochs 10 --image-size 256
-    .venv/bin/python benchmarks/peers.py reference --preprocessing-only --data data/brain-24/kaggle_3m
+    .venv/bin/python benchmarks/peers.py reference --preprocessing-only --data data/demo-24/kaggle_3m
 
 Records (JSON lists, a re-run with the same settings on the same device replaces its record) go to
 benchmarks/results/peer_<name>.json unless --output says otherwise.
@@ -803,7 +803,7 @@ def parser() -> argparse.ArgumentParser:
     monai.add_argument("--test-ids", nargs="+", help="only these test cases of the split")
     monai.add_argument("--quick", action="store_true", help="4 training, 2 validation cases, 1 epoch")
     reference = commands.add_parser("reference", help="the reference course program on kaggle_3m")
-    reference.add_argument("--data", type=Path, help="a kaggle_3m folder (default: data/brain-24/kaggle_3m)")
+    reference.add_argument("--data", type=Path, help="a kaggle_3m folder (default: data/demo-24/kaggle_3m)")
     reference.add_argument("--epochs", type=int, default=1)
     reference.add_argument("--image-size", type=int, default=256)
     reference.add_argument("--batch-size", type=int, default=16)

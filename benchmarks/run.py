@@ -44,14 +44,20 @@ from stats import bootstrap_ci, choose_by_validation, paired_difference, verdict
 
 from dataset import split_cases  # noqa: E402
 from engine import TrainConfig, evaluate, train  # noqa: E402
-from synthetic import make_kaggle_3m  # noqa: E402
+from synthetic import KAGGLE_3M_FOLDER, make_kaggle_3m  # noqa: E402
 from volumes import find_decathlon_cases  # noqa: E402
 
+
+def demo_set_folder(patients: int) -> Path:
+    """Where the generated demo set of this many patients (seed 0, as make demo makes it) is kept."""
+    return REPO / "data" / f"demo-{patients}" / KAGGLE_3M_FOLDER
+
+
 SPLIT = REPO / "benchmarks" / "split.json"
-# The generated brain set that report.md's brain benchmarks were measured on: the 24 patients (seed 0) that
-# make demo generated before it grew to 64 (demo selection, round 8), in a folder of its own.
-BRAIN_DATA = REPO / "data" / "brain-24" / "kaggle_3m"
+# The generated brain set that report.md's brain benchmarks were measured on: the 24 patients that make demo
+# generated before it grew to 64 (demo selection, round 8).
 BRAIN_PATIENTS = 24
+BRAIN_DATA = demo_set_folder(BRAIN_PATIENTS)
 NNUNET = {"Anterior": 0.90, "Posterior": 0.89}  # Isensee et al. 2021, as quoted in the data README
 UNET2D = {"model": "unet", "init_features": 16, "batch_size": 32}
 # One loader worker keeps the 3D augmentation off the training step's critical path. Flips stay
@@ -481,12 +487,18 @@ def protocol(suite_name: str = "hippocampus", budget: float = 20) -> dict:
     return summary
 
 
+def generated_demo_set(patients: int) -> Path:
+    """The generated demo set of this many patients (made once in demo_set_folder, then reused)."""
+    folder = demo_set_folder(patients)
+    if not folder.is_dir():
+        make_kaggle_3m(folder.parent, n_patients=patients, seed=0)
+        print(f"generated a synthetic demo set of {patients} patients in {folder}", flush=True)
+    return folder
+
+
 def brain_data() -> Path:
-    """The brain benchmarks' generated set (made once, then reused)."""
-    if not BRAIN_DATA.exists():
-        make_kaggle_3m(BRAIN_DATA.parent, n_patients=BRAIN_PATIENTS, seed=0)
-        print(f"generated the brain benchmarks' synthetic set in {BRAIN_DATA}", flush=True)
-    return BRAIN_DATA
+    """The brain benchmarks' generated set."""
+    return generated_demo_set(BRAIN_PATIENTS)
 
 
 def main(argv: list[str] | None = None) -> int:
