@@ -871,12 +871,14 @@ def split_cases(
     validation: int | Sequence[str],
     test: int | Sequence[str],
     seed: int = 42,
+    source: str | Path = "the data set",
 ) -> dict[str, list[str]]:
     """A split by case into train, validation and test (test is never used to choose a model).
 
     Each held-out part is a count, drawn at random with the seed, or a list of case ids taken as named (a
     published or an earlier split; MONAI datalists and nnU-Net's splits name their cases too). Named cases
     are set aside first and counts are drawn from the rest, so counts alone give the same split as before.
+    `source` names where the case ids came from (the data folder) in the errors.
     """
     ids = sorted(case_ids)
     requested = {"validation": validation, "test": test}
@@ -885,7 +887,7 @@ def split_cases(
     unknown = sorted(set_aside - set(ids))
     if unknown:
         raise ValueError(
-            f"Held-out case(s) {unknown} are not in the data set (whose cases begin {ids[:3]}): "
+            f"Held-out case(s) {unknown} are not in {source} (whose cases begin {ids[:3]}): "
             "validation_cases and test_cases name cases by id, or give how many to draw at random"
         )
     twice = sorted(set(named.get("validation", [])) & set(named.get("test", [])))

@@ -571,7 +571,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
     split = (
         state["split"]
         if state
-        else split_cases(case_ids, config.validation_cases, config.test_cases, split_seed)
+        else split_cases(case_ids, config.validation_cases, config.test_cases, split_seed, config.data_dir)
     )
     train_sources = [by_id[i] for i in split["train"]]
     if state:

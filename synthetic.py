@@ -481,6 +481,21 @@ def make_kaggle_3m(
     return target
 
 
+def kaggle_3m_once(out_dir: str | Path, n_patients: int, seed: int) -> Path:
+    """out_dir/kaggle_3m: generated (make_kaggle_3m's other defaults) unless it already holds a set.
+
+    For the generated sets that are made on first use and then reused (the demo's, the benchmarks'
+    development and further patients); a folder that is there is complete, since make_kaggle_3m moves a
+    set into place only once it is written.
+    """
+    target = Path(out_dir) / KAGGLE_3M_FOLDER
+    if target.is_dir() and any(target.iterdir()):
+        return target
+    made = make_kaggle_3m(out_dir, n_patients=n_patients, seed=seed)
+    print(f"generated {n_patients} synthetic patients (seed {seed}) in {made}", flush=True)
+    return made
+
+
 DEMO_DATA_DIR = Path("data") / KAGGLE_3M_FOLDER
 DEMO_PATIENTS = 64  # 48 train, 8 validate, 8 test (chosen on development patients, report.md)
 
@@ -496,9 +511,7 @@ def ensure_demo_data(data_dir: str | Path = DEMO_DATA_DIR) -> Path:
     if data_dir.resolve() != DEMO_DATA_DIR.resolve():
         return data_dir
     if not data_dir.exists():
-        make_kaggle_3m(data_dir.parent, n_patients=DEMO_PATIENTS, seed=0)
-        print(f"generated the synthetic demo data set in {data_dir}")
-        return data_dir
+        return kaggle_3m_once(data_dir.parent, DEMO_PATIENTS, seed=0)
     patients = sum(1 for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if patients != DEMO_PATIENTS:
         warnings.warn(

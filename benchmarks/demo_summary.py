@@ -25,7 +25,7 @@ from model_speed import cpu_name  # noqa: E402
 from stats import bootstrap_ci, paired_difference, verdict  # noqa: E402
 
 from engine import evaluate  # noqa: E402
-from synthetic import make_kaggle_3m  # noqa: E402
+from synthetic import kaggle_3m_once  # noqa: E402
 from utils import read_metrics_csv  # noqa: E402
 
 RESULT = REPO / "benchmarks" / "results" / "demo.json"
@@ -41,12 +41,7 @@ def subset_summary(values: dict[str, float]) -> dict:
 
 def unseen_summary(run_dir: Path) -> dict:
     """The run's mean DSC on 24 patients generated with another seed (made once, then reused)."""
-    data = (
-        UNSEEN / "kaggle_3m"
-        if (UNSEEN / "kaggle_3m").is_dir()
-        else make_kaggle_3m(UNSEEN, n_patients=24, seed=1)
-    )
-    rows = evaluate(run_dir, data_dir=str(data))["rows"]
+    rows = evaluate(run_dir, data_dir=str(kaggle_3m_once(UNSEEN, 24, seed=1)))["rows"]
     return subset_summary({row["case"]: row["dsc_mean"] for row in rows})
 
 

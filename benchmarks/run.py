@@ -44,7 +44,7 @@ from stats import bootstrap_ci, choose_by_validation, paired_difference, verdict
 
 from dataset import split_cases  # noqa: E402
 from engine import TrainConfig, evaluate, train  # noqa: E402
-from synthetic import KAGGLE_3M_FOLDER, make_kaggle_3m  # noqa: E402
+from synthetic import KAGGLE_3M_FOLDER, kaggle_3m_once  # noqa: E402
 from volumes import find_decathlon_cases  # noqa: E402
 
 
@@ -489,11 +489,7 @@ def protocol(suite_name: str = "hippocampus", budget: float = 20) -> dict:
 
 def generated_demo_set(patients: int) -> Path:
     """The generated demo set of this many patients (made once in demo_set_folder, then reused)."""
-    folder = demo_set_folder(patients)
-    if not folder.is_dir():
-        make_kaggle_3m(folder.parent, n_patients=patients, seed=0)
-        print(f"generated a synthetic demo set of {patients} patients in {folder}", flush=True)
-    return folder
+    return kaggle_3m_once(demo_set_folder(patients).parent, patients, seed=0)
 
 
 def brain_data() -> Path:

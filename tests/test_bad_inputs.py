@@ -3,6 +3,7 @@ never a silent wrong result; and the data folders are never modified (hashed bef
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def test_an_impossible_setting_is_refused_before_any_data_is_read(
 
 
 def test_a_named_held_out_case_missing_from_the_data_is_refused_before_preprocessing(tmp_path, hippocampus):
-    with pytest.raises(ValueError, match=r"\['hippocampus_999'\] are not in the data set"):
+    with pytest.raises(ValueError, match=rf"\['hippocampus_999'\] are not in {re.escape(str(hippocampus))} "):
         train(tiny(tmp_path, hippocampus, test_cases=["hippocampus_999"]))
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 

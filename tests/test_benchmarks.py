@@ -306,6 +306,36 @@ def test_demo_errors_counts_missed_and_false_pixels_from_the_metrics_row():
     assert demo_errors.case_errors(row) == {"true": 4, "predicted": 3, "missed": 2, "false": 1}
 
 
+def test_demo_errors_reads_the_development_table_only_when_it_is_current(tmp_path, monkeypatch):
+    import os
+
+    import demo_errors
+
+    from dataset import find_sources
+    from utils import write_metrics_csv
+
+    data = make_kaggle_3m(tmp_path / "development", 2, slices_per_patient=(6, 6), image_size=32, seed=2)
+    patients = sorted(source.case_id for source in find_sources("kaggle_3m", data)[0])
+    run_dir = tmp_path / "run"
+    (run_dir / "development").mkdir(parents=True)
+    weights, table = run_dir / "weights.pt", run_dir / "development" / "dsc.csv"
+    weights.write_bytes(b"weights")
+    predicted_again = [{"case": "predicted again"}]
+    monkeypatch.setattr(demo_errors, "evaluate", lambda *args, **kwargs: {"rows": predicted_again})
+
+    def write_table(cases: list[str], seconds_after_weights: float) -> None:
+        write_metrics_csv([{"case": case, "dsc_mean": 0.5} for case in cases], table)
+        stamp = weights.stat().st_mtime + seconds_after_weights
+        os.utime(table, (stamp, stamp))
+
+    write_table(patients, 10)
+    assert [row["case"] for row in demo_errors.development_rows(run_dir, data)] == patients
+    write_table(patients, -10)  # the run was trained again after the table was written
+    assert demo_errors.development_rows(run_dir, data) == predicted_again
+    write_table(patients[:1], 10)  # the table covers other patients
+    assert demo_errors.development_rows(run_dir, data) == predicted_again
+
+
 def test_the_notebook_defaults_are_the_demo_selection_s_chosen_candidate():
     import demo_selection
 

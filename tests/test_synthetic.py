@@ -1,6 +1,7 @@
 """Tests of the synthetic generators (kaggle_3m, LUNA16, Decathlon, LiTS): layout, anatomy, determinism."""
 
 import csv
+import functools
 import json
 import re
 from pathlib import Path
@@ -232,6 +233,16 @@ def test_cli_generates_the_dataset_then_skips_when_it_exists(
     before = all_files(tmp_path)
     assert synthetic.main(command) == 0
     assert "skipping" in capsys.readouterr().out
+    assert all_files(tmp_path) == before
+
+
+def test_a_generated_set_is_made_once_then_reused(tmp_path, monkeypatch):
+    small = functools.partial(synthetic.make_kaggle_3m, image_size=32)
+    monkeypatch.setattr(synthetic, "make_kaggle_3m", small)
+    made = synthetic.kaggle_3m_once(tmp_path, 2, seed=4)
+    assert made == tmp_path / "kaggle_3m" and len(patient_folders(made)) == 2
+    before = all_files(tmp_path)
+    assert synthetic.kaggle_3m_once(tmp_path, 3, seed=5) == made  # already there: not made again
     assert all_files(tmp_path) == before
 
 
