@@ -55,7 +55,9 @@ bench: install
 		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7 \
 		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7-seed43 \
 		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7_patients64 \
-		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7_patients64-seed43
+		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7_patients64-seed43 \
+		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7_patients64_features8 \
+		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_budget7_patients64_features8-seed43
 	start=$$(date +%s) && \
 	$(PY) -m papermill --cwd . train.ipynb runs/benchmarks/demo-earlier-split.ipynb -p run_name demo-earlier-split \
 		-p runs_dir runs/benchmarks -p resume False -f benchmarks/demo_earlier_split.yaml && \
