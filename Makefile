@@ -47,6 +47,7 @@ bench: install
 	$(PY) benchmarks/run.py --protocol --budget 20
 	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-$(strip $(CHOSEN))_tuned-20min-seed0
 	$(PY) benchmarks/demo_selection.py
+	$(PY) benchmarks/model_speed.py --demo --repeats 10 --threads 2
 	$(PY) benchmarks/demo_errors.py runs/benchmarks/demo-scale30_intensity25_epochs35_poly \
 		runs/benchmarks/demo-scale30_intensity25_epochs35_poly-seed43 \
 		runs/benchmarks/demo-scale30_intensity25_epochs35_poly_tversky \

@@ -34,9 +34,9 @@ tumours, of which 16 patients hold few; with the training time bounded, more pat
 only about a second each to generate and preprocess, so round 7's settings on a generated set of 64 patients
 (48 training, 8 validation, 8 test: `demo_patients`, which is synthetic.DEMO_PATIENTS rather than a notebook
 parameter), with both seeds. The development patients stay the same 24; (9) round 8 trains only 5 or 6
-epochs (about 330 optimiser steps) in its 7 minutes, against round 4's 35 epochs (about 900 steps) on the
+epochs (about 400 optimiser steps) in its 7 minutes, against round 4's 35 epochs (about 900 steps) on the
 faster CPU, and the training loss is still falling when it stops; a first level of 8 channels instead of 16
-makes a training step 2.6 times faster on the 2-core CPU of round 8 (0.47 s against 1.24 s per batch of 16),
+makes a training step about 2.6 times faster on the 2-core CPU of round 8 (benchmarks/model_speed.py --demo),
 so round 8's settings with `init_features=8`, with both seeds.
 
     .venv/bin/python benchmarks/demo_selection.py                  # every candidate (about 5 minutes each)

@@ -2,12 +2,13 @@
 
 2D networks run on 256x256 batches of 4, 3D networks on 64^3 batches of 1, and the hippocampus
 benchmark's residual U-Nets on its patches, 4 at a time, channels-last, 3 classes (``--quick``: tiny
-sizes with width 4, a smoke check only). Each case has 1 warm-up and ``--repeats`` timed
-training steps (forward, mean of the logits, backward); the median is reported. Results go to
-benchmarks/results/model_speed.json (model_speed_quick.json with ``--quick``) and a markdown
-table is printed.
+sizes with width 4, a smoke check only; ``--demo``: only the demo's 2D U-Net as make demo trains it,
+batches of 16 three-channel 128 x 128 slices, channels-last, at the widths the demo selection compared).
+Each case has 1 warm-up and ``--repeats`` timed training steps (forward, mean of the logits, backward);
+the median is reported. Results go to benchmarks/results/model_speed.json (model_speed_quick.json,
+model_speed_demo.json) and a markdown table is printed.
 
-    .venv/bin/python benchmarks/model_speed.py [--repeats 3] [--quick] [--threads N]
+    .venv/bin/python benchmarks/model_speed.py [--repeats 3] [--quick | --demo] [--threads N]
 """
 
 import argparse
@@ -52,6 +53,12 @@ CASES_HIPPOCAMPUS = [
     ("res_unet3d depth 3, full resolution 8", {"depth": 3, "full_resolution": 8}, (32, 48, 32)),
     ("res_unet3d depth 3, full resolution 16", {"depth": 3, "full_resolution": 16}, (32, 48, 32)),
 ]
+# The demo's U-Net (train.ipynb) at the first-level widths of demo selection rounds 8 and 9
+CASES_DEMO = [
+    ("unet, init_features 16", {"init_features": 16}),
+    ("unet, init_features 8", {"init_features": 8}),
+]
+DEMO_BATCH = (16, 3, 128, 128)
 
 
 def cpu_name() -> str:
@@ -100,11 +107,12 @@ def run_case(
     channels_last: bool = False,
 ) -> dict:
     torch.manual_seed(0)
-    model = build_model(name, in_channels=1, out_channels=out_channels, **options)
+    model = build_model(name, in_channels=shape[1], out_channels=out_channels, **options)
     batch = torch.randn(shape)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-        batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        layout = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        model = model.to(memory_format=layout)
+        batch = batch.contiguous(memory_format=layout)
     times = time_training_step(model, batch, repeats)
     return {
         "network": label,
@@ -135,7 +143,9 @@ def markdown_table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per network")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and widths (smoke check)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="tiny sizes and widths (smoke check)")
+    mode.add_argument("--demo", action="store_true", help="only the demo's U-Net, at two widths")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     if args.repeats < 1:
@@ -152,13 +162,17 @@ def main() -> None:
         )
     )
     results = []
-    for cases, shape in ((CASES_2D, shape_2d), (CASES_3D, shape_3d)):
+    if args.demo:
+        for label, options in CASES_DEMO:
+            results.append(run_case(label, "unet", options, DEMO_BATCH, args.repeats, channels_last=True))
+            print(f"{label}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr)
+    for cases, shape in ((CASES_2D, shape_2d), (CASES_3D, shape_3d)) if not args.demo else ():
         for label, name, options in cases:
             if args.quick:
                 options = {**options, "init_features": 4}
             results.append(run_case(label, name, options, shape, args.repeats))
             print(f"{label}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr)
-    for label, options, patch in CASES_HIPPOCAMPUS:
+    for label, options, patch in CASES_HIPPOCAMPUS if not args.demo else ():
         shape = (2, 1, 16, 24, 16) if args.quick else (4, 1, *patch)
         options = {**options, "init_features": 4} if args.quick else options
         results.append(run_case(label, "res_unet3d", options, shape, args.repeats, 3, channels_last=True))
@@ -170,11 +184,13 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "cpu": cpu_name(),
         "quick": args.quick,
+        "demo": args.demo,
         "repeats": args.repeats,
         "results": results,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    output = RESULTS_DIR / ("model_speed_quick.json" if args.quick else "model_speed.json")
+    suffix = "_quick" if args.quick else "_demo" if args.demo else ""
+    output = RESULTS_DIR / f"model_speed{suffix}.json"
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(markdown_table(results))
     print(f"\nwritten to {output}")

@@ -354,3 +354,13 @@ def test_the_notebook_defaults_are_the_demo_selection_s_chosen_candidate():
     assert parameters.pop("demo_patients") == DEMO_PATIENTS
     for name, value in parameters.items():
         assert defaults[name] == value, name
+
+
+def test_model_speed_times_a_2d_network_channels_last_with_the_batch_s_channels():
+    import model_speed
+
+    result = model_speed.run_case("demo", "unet", {"init_features": 4}, (2, 3, 32, 32), 2, channels_last=True)
+    assert result["input_shape"] == [2, 3, 32, 32] and result["channels_last"]
+    assert len(result["seconds"]) == 2 and result["median_seconds"] > 0
+    three_channels = model_speed.build_model("unet", in_channels=3, out_channels=1, init_features=4)
+    assert result["parameters"] == model_speed.count_parameters(three_channels)
