@@ -248,6 +248,8 @@ def test_a_generated_set_is_made_once_then_reused(tmp_path, monkeypatch):
 
 def test_demo_data_is_generated_only_for_the_demo_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    small = functools.partial(synthetic.make_kaggle_3m, slices_per_patient=(6, 6), image_size=32)
+    monkeypatch.setattr(synthetic, "make_kaggle_3m", small)  # the demo's patient count, small images
     other = tmp_path / "mine"
     assert synthetic.ensure_demo_data(other) == other
     assert not other.exists()
