@@ -95,6 +95,11 @@ DEMO_TRAINING_MINUTES = 7
 # The demo's seed (train.ipynb), then the second seed of the final. The split stays the demo's (split_seed).
 SEEDS = (42, 43)
 
+# Round 4's choice and the choices of rounds 7 and 8, on which the later rounds each change one thing.
+EPOCHS35_POLY = {"aug_scale": 0.3, "aug_intensity": 0.25, "epochs": 35, "lr_schedule": "poly"}
+BUDGET7 = EPOCHS35_POLY | {"time_budget_minutes": DEMO_TRAINING_MINUTES}
+PATIENTS64 = BUDGET7 | {"demo_patients": 64, "validation_cases": 8, "test_cases": 8}
+
 # What each candidate changes from BASELINE_PARAMETERS (papermill -p).
 CANDIDATES: dict[str, dict[str, object]] = {
     BASELINE: {},
@@ -107,61 +112,13 @@ CANDIDATES: dict[str, dict[str, object]] = {
     "scale30_intensity10": {"aug_scale": 0.3, "aug_intensity": 0.1},
     "scale30_intensity25": {"aug_scale": 0.3, "aug_intensity": 0.25},
     "scale30_intensity25_epochs35": {"aug_scale": 0.3, "aug_intensity": 0.25, "epochs": 35},
-    "scale30_intensity25_epochs35_poly": {
-        "aug_scale": 0.3,
-        "aug_intensity": 0.25,
-        "epochs": 35,
-        "lr_schedule": "poly",
-    },
-    "scale30_intensity25_epochs35_poly_dice": {
-        "aug_scale": 0.3,
-        "aug_intensity": 0.25,
-        "epochs": 35,
-        "lr_schedule": "poly",
-        "loss": "dice",
-    },
-    "scale30_intensity25_epochs35_poly_tversky": {
-        "aug_scale": 0.3,
-        "aug_intensity": 0.25,
-        "epochs": 35,
-        "lr_schedule": "poly",
-        "loss": "tversky",
-    },
-    "scale30_intensity25_epochs35_poly_context1": {
-        "aug_scale": 0.3,
-        "aug_intensity": 0.25,
-        "epochs": 35,
-        "lr_schedule": "poly",
-        "context_slices": 1,
-    },
-    "scale30_intensity25_epochs35_poly_budget7": {
-        "aug_scale": 0.3,
-        "aug_intensity": 0.25,
-        "epochs": 35,
-        "lr_schedule": "poly",
-        "time_budget_minutes": DEMO_TRAINING_MINUTES,
-    },
-    "scale30_intensity25_epochs35_poly_budget7_patients64": {
-        "aug_scale": 0.3,
-        "aug_intensity": 0.25,
-        "epochs": 35,
-        "lr_schedule": "poly",
-        "time_budget_minutes": DEMO_TRAINING_MINUTES,
-        "demo_patients": 64,
-        "validation_cases": 8,
-        "test_cases": 8,
-    },
-    "scale30_intensity25_epochs35_poly_budget7_patients64_features8": {
-        "init_features": 8,
-        "aug_scale": 0.3,
-        "aug_intensity": 0.25,
-        "epochs": 35,
-        "lr_schedule": "poly",
-        "time_budget_minutes": DEMO_TRAINING_MINUTES,
-        "demo_patients": 64,
-        "validation_cases": 8,
-        "test_cases": 8,
-    },
+    "scale30_intensity25_epochs35_poly": EPOCHS35_POLY,
+    "scale30_intensity25_epochs35_poly_dice": EPOCHS35_POLY | {"loss": "dice"},
+    "scale30_intensity25_epochs35_poly_tversky": EPOCHS35_POLY | {"loss": "tversky"},
+    "scale30_intensity25_epochs35_poly_context1": EPOCHS35_POLY | {"context_slices": 1},
+    "scale30_intensity25_epochs35_poly_budget7": BUDGET7,
+    "scale30_intensity25_epochs35_poly_budget7_patients64": PATIENTS64,
+    "scale30_intensity25_epochs35_poly_budget7_patients64_features8": {"init_features": 8} | PATIENTS64,
 }
 
 # Rounds 4 to 9: every one is run with every seed in SEEDS.

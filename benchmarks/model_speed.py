@@ -166,17 +166,18 @@ def main() -> None:
         for label, options in CASES_DEMO:
             results.append(run_case(label, "unet", options, DEMO_BATCH, args.repeats, channels_last=True))
             print(f"{label}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr)
-    for cases, shape in ((CASES_2D, shape_2d), (CASES_3D, shape_3d)) if not args.demo else ():
-        for label, name, options in cases:
-            if args.quick:
-                options = {**options, "init_features": 4}
-            results.append(run_case(label, name, options, shape, args.repeats))
-            print(f"{label}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr)
-    for label, options, patch in CASES_HIPPOCAMPUS if not args.demo else ():
-        shape = (2, 1, 16, 24, 16) if args.quick else (4, 1, *patch)
-        options = {**options, "init_features": 4} if args.quick else options
-        results.append(run_case(label, "res_unet3d", options, shape, args.repeats, 3, channels_last=True))
-        print(f"{label} {patch}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr)
+    else:
+        for cases, shape in ((CASES_2D, shape_2d), (CASES_3D, shape_3d)):
+            for label, name, options in cases:
+                if args.quick:
+                    options = {**options, "init_features": 4}
+                results.append(run_case(label, name, options, shape, args.repeats))
+                print(f"{label}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr)
+        for label, options, patch in CASES_HIPPOCAMPUS:
+            shape = (2, 1, 16, 24, 16) if args.quick else (4, 1, *patch)
+            options = {**options, "init_features": 4} if args.quick else options
+            results.append(run_case(label, "res_unet3d", options, shape, args.repeats, 3, channels_last=True))
+            print(f"{label} {patch}: {results[-1]['median_seconds']:.3f} s", file=sys.stderr)
 
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
