@@ -54,6 +54,7 @@ from volumes import (
     find_luna_cases,
     find_nifti_cases,
     lung_target,
+    metaimage_data_file,
     read_dataset_info,
     read_header,
     read_luna_case,
@@ -69,7 +70,7 @@ KAGGLE_LAYOUT = (
     "expected the Kaggle kaggle_3m layout: <data_dir>/<patient>/<patient>_<n>.tif (RGB image) "
     "with <data_dir>/<patient>/<patient>_<n>_mask.tif (binary mask), one folder per patient"
 )
-SLICE_FILE = re.compile(r"^(?P<stem>.+)_(?P<number>\d+)(?P<mask>_mask)?\.tif$")
+SLICE_FILE = re.compile(r"^(?P<stem>.+)_(?P<number>\d+)(?P<mask>_mask)?\.tiff?$", re.IGNORECASE)
 DATASETS = ("kaggle_3m", "luna", "msd", "luna_nodules")
 FOREGROUND_SAMPLES = 10_000  # voxel positions kept per class for foreground sampling, as nnU-Net
 LUNG_WINDOW = (-1000.0, 400.0)  # HU: the lung window, for lung segmentation
@@ -152,12 +153,15 @@ def list_slice_files(folder: Path, require_masks: bool = True) -> list[SliceFile
         raise FileNotFoundError(f"Patient folder {folder} has no slices: {KAGGLE_LAYOUT}")
     for number, mask in sorted(masks.items()):
         if number not in images:
-            raise FileNotFoundError(f"Mask {mask} has no image: expected {mask.name[:-9]}.tif beside it")
+            stem = SLICE_FILE.match(mask.name)
+            raise FileNotFoundError(
+                f"Mask {mask} has no image: expected {stem['stem']}_{stem['number']}{mask.suffix} beside it"
+            )
     if masks or require_masks:
         for number, image in sorted(images.items()):
             if number not in masks:
                 raise FileNotFoundError(
-                    f"Image {image} has no mask: expected {image.stem}_mask.tif beside it"
+                    f"Image {image} has no mask: expected {image.stem}_mask{image.suffix} beside it"
                 )
     numbers = sorted(images)
     missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
@@ -187,9 +191,10 @@ def read_tif(path: Path) -> np.ndarray:
 
 
 def binarize_mask(mask: np.ndarray) -> np.ndarray:
-    """Any non-zero value is foreground, whatever the stored range (0/1, 0/255) or dtype."""
+    """Any non-zero value is foreground, whatever the stored range (0/1, 0/255) or dtype; of an RGB(A)
+    mask only the colour channels count (an opaque alpha channel would make every pixel foreground)."""
     if mask.ndim == 3:
-        mask = mask.max(axis=-1)
+        mask = mask[..., :3].max(axis=-1)
     return (mask != 0).astype(np.uint8)
 
 
@@ -547,10 +552,10 @@ def source_paths(source) -> list[Path]:
     """The files a case is read from (they key its cache entry)."""
     if isinstance(source, KaggleCase):
         return [p for item in source.slices for p in (item.image, item.mask) if p is not None]
-    if isinstance(source, LunaCase):
-        return [source.ct_path, source.mask_path]
-    if isinstance(source, NoduleScan):
-        return [source.scan.ct_path, source.scan.mask_path]
+    scan = source.scan if isinstance(source, NoduleScan) else source
+    if isinstance(scan, LunaCase):  # the headers and the .raw/.zraw files they name
+        headers = (scan.ct_path, scan.mask_path)
+        return [*headers, *filter(None, map(metaimage_data_file, headers))]
     return [*source.image_paths, *([source.label_path] if source.label_path else [])]
 
 
@@ -662,8 +667,8 @@ def _prepare_one(source, plan: dict, allowed: list[int], cache_dir: str | None) 
 
 
 def resolve_workers(workers: int | None) -> int:
-    """The number of preprocessing processes: the CPU count unless set."""
-    count = (os.cpu_count() or 1) if workers is None else int(workers)
+    """The number of preprocessing processes: the CPUs this process may use unless set."""
+    count = len(os.sched_getaffinity(0)) if workers is None else int(workers)
     if count < 1:
         raise ValueError(f"preprocess_workers must be at least 1, got {workers}")
     return count
@@ -681,8 +686,12 @@ def run_parallel(function: Callable, jobs: Sequence[tuple], workers: int, descri
     results: list = [None] * len(jobs)
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
         futures = {pool.submit(function, *job): index for index, job in enumerate(jobs)}
-        for future in tqdm(as_completed(futures), total=len(jobs), desc=description, leave=False):
-            results[futures[future]] = future.result()
+        try:
+            for future in tqdm(as_completed(futures), total=len(jobs), desc=description, leave=False):
+                results[futures[future]] = future.result()
+        except BaseException:  # report a bad case now, not after every other case has been built
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return results
 
 

@@ -189,6 +189,16 @@ def _read_metaimage_header(path: Path) -> dict[str, str]:
     return fields
 
 
+def metaimage_data_file(path: str | Path) -> Path | None:
+    """The file that holds an .mhd's voxels (ElementDataFile); None when the voxels are in the header
+    file itself (LOCAL) or split over several files (LIST, or a numbered pattern)."""
+    path = Path(path)
+    name = _read_metaimage_header(path)["elementdatafile"]
+    if name.upper() in ("LOCAL", "LIST") or "%" in name:
+        return None
+    return path.parent / name
+
+
 def _check_metaimage_data(path: Path) -> None:
     """Check that the data file of an .mhd exists and holds all the voxels its header announces.
 
@@ -197,10 +207,9 @@ def _check_metaimage_data(path: Path) -> None:
     DimSize x channels x element size, the .zraw by decompressing it (zlib verifies its checksum).
     """
     fields = _read_metaimage_header(path)
-    data_name = fields["elementdatafile"]
-    if data_name.upper() in ("LOCAL", "LIST") or "%" in data_name:
+    data_file = metaimage_data_file(path)
+    if data_file is None:
         return  # data inside the header file, or split over several files: left to SimpleITK
-    data_file = path.parent / data_name
     if not data_file.is_file():
         raise FileNotFoundError(f"{path}: its data file {data_file} (ElementDataFile) does not exist")
     element_bytes = METAIMAGE_ELEMENT_BYTES.get(fields.get("elementtype", "").upper())
@@ -945,7 +954,8 @@ def _lits_files(root: Path) -> list[tuple[re.Match, Path]]:
     return [
         (match, path)
         for path in sorted(root.rglob("*.nii*"))
-        if (match := LITS_FILE.match(path.name)) and not any(part.startswith(".") for part in path.parts)
+        if (match := LITS_FILE.match(path.name))
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
     ]
 
 

@@ -1,6 +1,7 @@
 """The cache of preprocessed cases: read lazily, written atomically, never trusted when damaged or old."""
 
 import multiprocessing
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,33 @@ def test_parallel_preprocessing_gives_the_cases_of_one_process(decathlon, tmp_pa
     for a, b in zip(single, parallel, strict=True):
         np.testing.assert_array_equal(a.image, b.image)
         np.testing.assert_array_equal(a.label, b.label)
+
+
+def test_a_rewritten_luna_raw_file_is_a_new_cache_entry(tmp_path):
+    """The .mhd header alone does not key the entry: the voxels live in the .raw/.zraw it names."""
+    from synthetic import make_luna
+    from volumes import metaimage_data_file
+
+    root = make_luna(tmp_path / "luna", n_cases=1, shape=(40, 64, 64), seed=3)
+    (source,) = dataset.find_sources("luna", root)[0]
+    first = dataset.source_paths(source)
+    raw = metaimage_data_file(source.ct_path)
+    assert raw in first and raw.suffix in (".raw", ".zraw")
+    before = cache.entry_folder(tmp_path / "cache", "luna", source.case_id, {}, first)
+    raw.write_bytes(raw.read_bytes()[::-1])  # same size, other voxels: only the data file changed
+    after = cache.entry_folder(tmp_path / "cache", "luna", source.case_id, {}, dataset.source_paths(source))
+    assert after != before
+
+
+def _fails_first(index: int, done: str) -> int:
+    if index == 0:
+        raise ValueError("case 0 is bad")
+    time.sleep(0.3)
+    (Path(done) / str(index)).touch()
+    return index
+
+
+def test_the_first_bad_case_stops_parallel_preprocessing_without_building_the_rest(tmp_path):
+    with pytest.raises(ValueError, match="case 0 is bad"):
+        dataset.run_parallel(_fails_first, [(i, str(tmp_path)) for i in range(20)], 2, "preprocessing")
+    assert len(list(tmp_path.iterdir())) < 10  # the jobs not yet started were cancelled

@@ -55,6 +55,26 @@ def test_masks_are_binarised_whatever_their_stored_range(tmp_path, scale):
     assert mask[2].sum() == 4 * 8
 
 
+def test_an_opaque_alpha_channel_does_not_make_a_mask_all_foreground():
+    mask = np.zeros((4, 4, 4), np.uint8)
+    mask[..., 3] = 255
+    mask[1, 2, :3] = 255
+    assert dataset.binarize_mask(mask).sum() == 1
+
+
+def test_upper_case_and_tiff_slice_names_are_read_and_a_missing_mask_names_its_suffix(tmp_path):
+    folder = write_patient(tmp_path, "TCGA_CS_0009_20000101", slices=3)
+    for path in folder.iterdir():
+        path.rename(path.with_suffix(".TIF" if "_mask" in path.name else ".tiff"))
+    volume, mask, names = read_patient(folder)
+    assert names == ["1", "2", "3"] and volume.shape[0] == 3 and mask[2].sum() == 4 * 8
+    (folder / "TCGA_CS_0009_20000101_2_mask.TIF").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"_2\.tiff has no mask: expected TCGA_CS_0009_20000101_2_mask\.tiff"
+    ):
+        read_patient(folder)
+
+
 def test_a_missing_data_folder_describes_the_expected_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist: expected the Kaggle kaggle_3m layout"):
         load_kaggle_3m(tmp_path / "nowhere", cache_dir=None)

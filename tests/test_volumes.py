@@ -723,6 +723,17 @@ def test_lits_volumes_pair_with_segmentations_across_batch_folders(tmp_path):
         find_lits_cases(tmp_path)
 
 
+def test_lits_files_are_found_below_a_parent_or_hidden_folder(tmp_path, monkeypatch):
+    """Only hidden names below the data folder are skipped, not `..` or a hidden folder above it."""
+    root = tmp_path / ".hidden" / "lits"
+    write_volume(ramp(), ANISOTROPIC, root / "volume-0.nii")
+    write_volume(np.zeros((4, 5, 6), np.uint8), ANISOTROPIC, root / "segmentation-0.nii")
+    write_volume(ramp(), ANISOTROPIC, root / ".trash" / "volume-1.nii")
+    monkeypatch.chdir(tmp_path / ".hidden" / "lits")
+    for folder in (root, Path("..") / "lits"):
+        assert [case.case_id for case in find_lits_cases(folder)] == ["volume-0"]
+
+
 def test_all_real_hippocampus_cases_load_with_matching_shapes_and_labels():
     root = require_shared("msd-hippocampus")
     cases = find_nifti_cases(root)
