@@ -11,7 +11,8 @@ cropped to its lungs (seg-lungs-LUNA16) with a margin, windowed to -1200…600 H
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,12 @@ def _check_inside(finding: Finding, scan: LunaCase) -> None:
 def find_nodule_scans(data_dir: str | Path, require_annotations: bool = True) -> list[NoduleScan]:
     """The LUNA16 series under data_dir with their findings from annotations.csv (required unless
     require_annotations is False: scans to predict only) and annotations_excluded.csv (optional); every
-    finding is checked to lie on a scan that is present."""
+    finding is checked to lie on its scan.
+
+    The official CSVs cover all ten subsets: rows on scans that are not under data_dir (subsets not
+    downloaded) are left out with a warning, but a file none of whose rows is on a present scan is an
+    error (the CSVs of another data set).
+    """
     root = Path(data_dir)
     scans = {scan.case_id: scan for scan in find_luna_cases(root)}
     if not require_annotations and not (root / ANNOTATIONS).is_file():
@@ -65,8 +71,12 @@ def find_nodule_scans(data_dir: str | Path, require_annotations: bool = True) ->
             f"{root} has no {ANNOTATIONS}: nodule detection needs the LUNA16 annotations "
             "(seriesuid,coordX,coordY,coordZ,diameter_mm, world mm) beside subset*/"
         )
-    nodules = read_annotations(root / ANNOTATIONS, known_series=scans)
-    excluded = read_excluded(root / EXCLUDED, known_series=scans) if (root / EXCLUDED).is_file() else []
+    nodules = _on_present_scans(read_annotations(root / ANNOTATIONS), scans, root / ANNOTATIONS)
+    excluded = (
+        _on_present_scans(read_excluded(root / EXCLUDED), scans, root / EXCLUDED)
+        if (root / EXCLUDED).is_file()
+        else []
+    )
     for finding in [*nodules, *excluded]:
         _check_inside(finding, scans[finding.seriesuid])
     return [
@@ -78,6 +88,23 @@ def find_nodule_scans(data_dir: str | Path, require_annotations: bool = True) ->
         )
         for uid, scan in scans.items()
     ]
+
+
+def _on_present_scans(findings: list[Finding], scans: Collection[str], path: Path) -> list[Finding]:
+    present = [finding for finding in findings if finding.seriesuid in scans]
+    if findings and not present:
+        raise ValueError(
+            f"{path}: none of its {len(findings)} rows is on a scan under {path.parent} (first series "
+            f"{findings[0].seriesuid}): the annotations of another data set?"
+        )
+    if len(present) < len(findings):
+        absent = sorted({finding.seriesuid for finding in findings} - set(scans))
+        warnings.warn(
+            f"{path}: {len(findings) - len(present)} rows on {len(absent)} series that are not under "
+            f"{path.parent} (subsets not downloaded?) are left out, e.g. {absent[0]}",
+            stacklevel=3,
+        )
+    return present
 
 
 def lung_box(lungs: np.ndarray, spacing: Sequence[float], margin_mm: float = LUNG_MARGIN_MM) -> list[int]:
@@ -128,30 +155,38 @@ def find_candidates(
 
     Local maxima of the probability map above `threshold`, each moved to the probability-weighted
     centre of its 3 × 3 × 3 neighbourhood (sub-voxel: a nodule of 3 mm is hit within 1.5 mm), then
-    greedy non-maximum suppression: a candidate within suppression_mm of a higher one is dropped.
+    greedy non-maximum suppression: a candidate within suppression_mm of a higher one is dropped. A
+    plateau of equal maxima (a confident network's sigmoid is exactly 1.0 across a nodule) is one
+    candidate at its centre, not one per voxel from its corner.
     """
+    if not threshold > 0:
+        raise ValueError(f"find_candidates: threshold must be positive, got {threshold}")
     spacing = np.array(geometry.spacing)
     size = [max(3, 2 * int(round(suppression_mm / 2 / s)) + 1) for s in spacing]
     peaks = (probability == ndimage.maximum_filter(probability, size=size, mode="constant")) & (
         probability >= threshold
     )
-    where = np.argwhere(peaks)
-    order = np.argsort(-probability[peaks], kind="stable")
+    plateaus, _ = ndimage.label(peaks, structure=np.ones((3, 3, 3)))
+    centres, scores = [], []
+    for label, box in enumerate(ndimage.find_objects(plateaus), start=1):
+        voxels = np.argwhere(plateaus[box] == label) + [part.start for part in box]
+        centres.append(_refined_centre(probability, voxels[0]) if len(voxels) == 1 else voxels.mean(0))
+        scores.append(float(probability[tuple(voxels[0])]))
     kept: list[np.ndarray] = []
-    scores: list[float] = []
-    for index in where[order]:
-        centre = _refined_centre(probability, index)
-        if any(np.linalg.norm((centre - other) * spacing) < suppression_mm for other in kept):
+    kept_scores: list[float] = []
+    for index in np.argsort(-np.array(scores), kind="stable"):
+        if any(np.linalg.norm((centres[index] - other) * spacing) < suppression_mm for other in kept):
             continue
-        kept.append(centre)
-        scores.append(float(probability[tuple(index)]))
+        kept.append(centres[index])
+        kept_scores.append(scores[index])
         if len(kept) == limit:
             break
     if not kept:
         return []
     world = geometry.index_to_world(np.array(kept))
     return [
-        Candidate(seriesuid, *map(float, point), score) for point, score in zip(world, scores, strict=True)
+        Candidate(seriesuid, *map(float, point), score)
+        for point, score in zip(world, kept_scores, strict=True)
     ]
 
 

@@ -53,6 +53,18 @@ def test_candidates_are_the_peaks_at_sub_voxel_world_positions_suppressed_and_li
     assert find_candidates(probability, geometry, "s", threshold=0.95) == []
 
 
+def test_a_saturated_nodule_is_one_candidate_at_its_centre():
+    """A confident network's sigmoid is exactly 1.0 over a whole nodule: a plateau of equal maxima."""
+    geometry = Geometry(spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0))
+    grid = np.stack(np.meshgrid(*[np.arange(40)] * 3, indexing="ij"), -1).astype(float)
+    probability = (np.linalg.norm(grid - [20.0, 18.0, 22.0], axis=-1) <= 8).astype(np.float32)
+    found = find_candidates(probability, geometry, "s", suppression_mm=6.0)
+    assert len(found) == 1
+    assert np.allclose([found[0].z, found[0].y, found[0].x], [20.0, 18.0, 22.0], atol=1e-6)
+    with pytest.raises(ValueError, match="threshold must be positive, got 0"):
+        find_candidates(probability, geometry, "s", threshold=0)
+
+
 def test_a_perfect_probability_map_finds_every_nodule_in_world_mm_through_flipped_scans(luna, tmp_path):
     sources, info = find_sources("luna_nodules", luna)
     directions = {read_header(source.scan.ct_path)[0].direction for source in sources}
@@ -85,8 +97,23 @@ def test_an_annotation_outside_its_scan_names_the_file_and_line(luna, tmp_path):
     ):
         find_nodule_scans(copy)
     (copy / "annotations.csv").write_text(lines[0] + "\n1.2.3,0,0,0,5\n")
-    with pytest.raises(ValueError, match=r"annotations\.csv, line 2: series 1\.2\.3 has no scan"):
+    with pytest.raises(ValueError, match=r"annotations\.csv: none of its 1 rows is on a scan under"):
         find_nodule_scans(copy)
+
+
+def test_annotations_of_scans_not_downloaded_are_left_out_with_a_warning(luna, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for item in luna.iterdir():
+        if item.name != "annotations.csv":
+            (copy / item.name).symlink_to(item)
+    lines = (luna / "annotations.csv").read_text().splitlines()
+    (copy / "annotations.csv").write_text(
+        "\n".join([*lines, "9.9.9,1.0,2.0,3.0,6.0", "9.9.9,4,5,6,7"]) + "\n"
+    )
+    with pytest.warns(UserWarning, match=r"2 rows on 1 series that are not under .*e\.g\. 9\.9\.9"):
+        scans = find_nodule_scans(copy)
+    assert [scan.nodules for scan in scans] == [scan.nodules for scan in find_nodule_scans(luna)]
 
 
 def test_circles_outline_every_slice_a_nodule_crosses():
