@@ -344,7 +344,11 @@ def build_loss(name: str, **options: object) -> nn.Module:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; expected one of: {', '.join(sorted(LOSSES))}")
     loss_class = LOSSES[name]
-    accepted = list(inspect.signature(loss_class).parameters)
+    accepted = [
+        name
+        for name, parameter in inspect.signature(loss_class.__init__).parameters.items()
+        if name != "self" and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    ]
     unknown = [option for option in options if option not in accepted]
     if unknown:
         raise TypeError(

@@ -162,6 +162,10 @@ def _flip_axis_sets(spatial_dims: int, mirror: bool | Sequence[int]) -> list[tup
     if mirror is False:
         return [()]
     spatial_axes = range(spatial_dims) if mirror is True else mirror
+    if any(not -spatial_dims <= axis < spatial_dims for axis in spatial_axes):
+        raise ValueError(
+            f"mirror axes {list(spatial_axes)} are not all spatial axes of a {spatial_dims}D input"
+        )
     axes = sorted({2 + axis % spatial_dims for axis in spatial_axes})
     return [subset for count in range(len(axes) + 1) for subset in itertools.combinations(axes, count)]
 

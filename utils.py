@@ -627,6 +627,15 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()  # read once, at import: setting it is process-wide, so not from worker threads
+
+
 def _write_atomic(path: str | Path, mode: str, write: Callable[[IO], None]) -> Path:
     """Write via a temporary file in the same folder, then os.replace it onto `path`.
 
@@ -641,6 +650,7 @@ def _write_atomic(path: str | Path, mode: str, write: Callable[[IO], None]) -> P
             write(file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes it private; a run folder may be shared
         os.replace(temporary, path)
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)

@@ -390,6 +390,8 @@ def test_build_loss_rejects_an_unknown_name_and_lists_the_known_ones():
 def test_build_loss_rejects_an_option_the_loss_does_not_take():
     with pytest.raises(TypeError, match="'dice'.*gamma"):
         build_loss("dice", gamma=2.0)
+    with pytest.raises(TypeError, match="loss 'ce' got unexpected option.*args; accepted options: none"):
+        build_loss("ce", args=1)
 
 
 @pytest.mark.parametrize(

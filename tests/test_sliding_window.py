@@ -310,6 +310,12 @@ def test_mirroring_chosen_axes_averages_only_their_flips(mirror, flips):
     assert torch.allclose(mirrored, expected / len(flips), atol=1e-6)
 
 
+@pytest.mark.parametrize("mirror", [(3,), (-4,)])
+def test_a_mirror_axis_beyond_the_spatial_axes_is_refused_not_wrapped(mirror):
+    with pytest.raises(ValueError, match=r"not all spatial axes of a 3D input"):
+        sliding_window_inference(conv_net(3), random_image(1, 1, 8, 8, 8), (8, 8, 8), mirror=mirror)
+
+
 def test_predict_padded_mirrors_the_chosen_axes_of_the_unpadded_image():
     model = conv_net(2)
     model.size_divisor = 16

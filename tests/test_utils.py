@@ -503,6 +503,14 @@ def test_save_checkpoint_atomic_replaces_the_file_and_leaves_no_temporary(tmp_pa
     assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]
 
 
+def test_atomic_writes_follow_the_umask_like_a_plain_open(tmp_path):
+    utils.write_json_atomic({"epoch": 1}, tmp_path / "atomic.json")
+    (tmp_path / "plain.json").write_text("{}")
+    assert (tmp_path / "atomic.json").stat().st_mode & 0o777 == (
+        tmp_path / "plain.json"
+    ).stat().st_mode & 0o777
+
+
 def test_write_json_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "history.json"
     utils.write_json_atomic({"epoch": 1}, path)
