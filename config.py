@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import numbers
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -110,7 +112,8 @@ class TrainConfig:
                 close = [ALIASES[name]] if name in ALIASES else difflib.get_close_matches(name, names, 1, 0.5)
                 hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise ValueError(f"Unknown setting(s) in {where}: {', '.join(hints)}")
-        return cls(**values)
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _number_from_text(value, hints[name]) for name, value in values.items()})
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: Mapping | None = None) -> TrainConfig:
@@ -137,17 +140,23 @@ class TrainConfig:
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.run_name
 
-    def check(self, spatial_dims: int | None = None) -> None:
+    def check(self) -> None:
         """ValueError naming the setting for any value no run can use (cheap: no data is read)."""
-        problems = []
+        hints = typing.get_type_hints(type(self))
+        problems = [
+            f"{field.name} must be {' or '.join(_type_name(t) for t in _allowed_types(hints[field.name]))}, "
+            f"got {getattr(self, field.name)!r} ({type(getattr(self, field.name)).__name__})"
+            for field in dataclasses.fields(self)
+            if not _has_type(getattr(self, field.name), _allowed_types(hints[field.name]))
+        ]
+        if problems:  # the range checks below assume the types
+            raise ValueError("Invalid settings: " + "; ".join(problems))
 
         def require(condition: bool, message: str) -> None:
             if not condition:
                 problems.append(message)
 
-        require(
-            isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"
-        )
+        require(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
         require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
         require(self.lr > 0, f"lr must be positive, got {self.lr}")
         for name in ("validation_cases", "test_cases"):
@@ -210,6 +219,22 @@ class TrainConfig:
                 len(self.hu_window) == 2 and self.hu_window[0] < self.hu_window[1],
                 f"hu_window must be [low, high] with low < high, got {self.hu_window}",
             )
+        dims = 3 if self.model in VOLUMETRIC_MODELS else 2
+        require(
+            all(type(axis) is int and -dims <= axis < dims for axis in self.aug_flip_axes),
+            f"aug_flip_axes must be spatial axes of a {dims}D network ({-dims}..{dims - 1}), "
+            f"got {self.aug_flip_axes}",
+        )
+        require(
+            not (self.mirror_tta and not self.aug_flip),
+            "mirror_tta averages over the flips training makes, and aug_flip=0 makes none",
+        )
+        for name in ("init_features", "in_channels", "out_channels"):
+            require(
+                name not in self.model_options,
+                f"model_options must not hold {name!r}: "
+                + ("set init_features itself" if name == "init_features" else "the data set decides it"),
+            )
         data, cache = Path(self.data_dir).resolve(), Path(self.cache_dir).resolve()
         require(
             not cache.is_relative_to(data),
@@ -217,6 +242,37 @@ class TrainConfig:
         )
         if problems:
             raise ValueError("Invalid settings: " + "; ".join(problems))
+
+
+def _allowed_types(hint: object) -> tuple[type, ...]:
+    return typing.get_args(hint) or (hint,)
+
+
+def _type_name(kind: type) -> str:
+    return {float: "a number", int: "an integer", type(None): "None"}.get(kind, f"a {kind.__name__}")
+
+
+def _has_type(value: object, allowed: tuple[type, ...]) -> bool:
+    """isinstance, where a bool is no number, a float setting takes integers and a list setting tuples."""
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, numbers.Integral) and (int in allowed or float in allowed):
+        return True
+    if isinstance(value, numbers.Real) and float in allowed:
+        return True
+    if isinstance(value, tuple) and list in allowed:
+        return True
+    return isinstance(value, tuple(kind for kind in allowed if kind not in (int, float)))
+
+
+def _number_from_text(value: object, hint: object) -> object:
+    """YAML 1.1 (PyYAML) reads 3e-4 as the text '3e-4': a number setting given so becomes the number."""
+    if isinstance(value, str) and float in _allowed_types(hint):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 # Notebook variables that are not settings: IPython's own, and what train.ipynb computes after the parameters.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import random
 import time
@@ -81,7 +82,9 @@ from volumes import Geometry, write_volume
 
 __all__ = ["TrainConfig", "evaluate", "load_run", "train"]
 
-# Settings that may change between an interrupted run and its resumption without changing its result.
+# Settings that may change between an interrupted run and its resumption without changing its result;
+# except epochs and time_budget_minutes, which continue a finished run, and under the poly schedule also
+# reshape the learning-rate curve of an unfinished one.
 RESUMABLE = {
     "resume",
     "num_workers",
@@ -137,6 +140,13 @@ def make_model(config: TrainConfig, info: DatasetInfo) -> torch.nn.Module:
         init_features=config.init_features,
         **config.model_options,
     )
+
+
+def check_network_and_loss(config: TrainConfig) -> None:
+    """Build the network (one channel in and out) and the loss once, so that a misspelt name or option
+    is reported before the data are read and preprocessed (hours on LUNA16), not after."""
+    build_model(config.model, 1, 1, init_features=config.init_features, **config.model_options)
+    build_loss(config.loss, **config.loss_options)
 
 
 def _round_up(size: int, multiple: int) -> int:
@@ -198,7 +208,7 @@ def amp_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
     if amp in ("bfloat16", "float16"):
         return getattr(torch, amp)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if amp is True else None
 
 
@@ -415,6 +425,7 @@ def training_data(
         num_workers=config.num_workers,
         persistent_workers=config.num_workers > 0,
         pin_memory=context.device.type == "cuda",
+        generator=torch.Generator().manual_seed(config.seed),  # its seed draw leaves the global RNG alone
     )
     return loader, sampler
 
@@ -429,8 +440,8 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, pro
 
 
 def result_settings(config: TrainConfig) -> dict:
-    """The settings that decide a run's result (everything but RESUMABLE)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE}
+    """The settings that decide a run's result (everything but RESUMABLE), as saved (tuples as lists)."""
+    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(config))).items() if k not in RESUMABLE}
 
 
 def _random_state() -> dict:
@@ -485,11 +496,13 @@ def _resume_state(config: TrainConfig, case_ids: list[str], context: distributed
     return state
 
 
-def _wants_more(state: dict, config: TrainConfig) -> bool:
-    """Whether a finished run was asked to go on: more epochs, or a longer time budget, than it had."""
+def _limits_reached(state: dict, config: TrainConfig) -> list[str]:
+    """The settings whose limit a run has reached: `epochs`, `time_budget_minutes`, both or neither."""
     trained = sum(entry["seconds"] for entry in state["history"])
-    budget = math.inf if config.time_budget_minutes is None else 60 * config.time_budget_minutes
-    return len(state["history"]) < config.epochs and trained < budget
+    budget = config.time_budget_minutes
+    return (["epochs"] if len(state["history"]) >= config.epochs else []) + (
+        ["time_budget_minutes"] if budget is not None and trained >= 60 * budget else []
+    )
 
 
 def choose_postprocessing(history_entry: dict) -> str:
@@ -531,6 +544,7 @@ def train(config: TrainConfig) -> dict:
     In a torchrun run every process calls this with the same settings; rank 0 writes the files.
     """
     config.check()
+    check_network_and_loss(config)
     context = distributed.setup(config.device)
     try:
         if context.is_main:
@@ -553,11 +567,12 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
     case_ids = sorted(by_id)
     state = _resume_state(config, case_ids, context)
     distributed.barrier(context)
-    if state is not None and state["finished"] and not _wants_more(state, config):
+    if state is not None and state["finished"] and (limits := _limits_reached(state, config)):
         say(
             f"Run {run_dir} is finished ({len(state['history'])} epochs, best validation score "
             f"{state['best']:.4f} at epoch {state['best_epoch']}); its results are in {run_dir}. Nothing was "
-            "changed: raise epochs or time_budget_minutes to continue it, or set resume=False to start over."
+            f"changed: raise {' and '.join(limits).replace('minutes', 'minutes (or set it to None)')} to "
+            "continue it, or set resume=False to start over."
         )
         summary = _summary(config, state)
         if context.is_main and not (run_dir / RESULT).exists():  # killed just before writing it
@@ -616,12 +631,19 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when the run was saved without loss scaling (e.g. on the CPU)
+            scaler.load_state_dict(state["scaler"])
         _restore_random_state(state["random"])
         best, best_epoch, best_model = state["best"], state["best_epoch"], state["best_model"]
         start_epoch, history = len(state["history"]), state["history"]
         say(f"Resuming {run_dir} after epoch {start_epoch}")
-    wrapped = DistributedDataParallel(model) if context.distributed else model
+    wrapped = (
+        DistributedDataParallel(
+            model, find_unused_parameters=not getattr(model, "trains_every_parameter", True)
+        )
+        if context.distributed
+        else model
+    )
     step_model = torch.compile(wrapped) if config.compile_model else wrapped
     base_loss = build_loss(config.loss, **config.loss_options)
     criterion = DeepSupervisionLoss(base_loss, getattr(model, "supervision_weights", None))
@@ -647,6 +669,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
         model.train()
         losses, data_seconds, samples = [], 0.0, 0
         waited = time.perf_counter()
+        clock = trained_seconds  # training seconds so far, by rank 0's clock on every rank
         progress_bar = tqdm(
             loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not context.is_main
         )
@@ -656,7 +679,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
             labels = labels.to(device, non_blocking=True)
             if config.channels_last:
                 images = images.contiguous(memory_format=layout)
-            progress = max(epoch / config.epochs, (trained_seconds + waited - started) / budget_seconds)
+            progress = max(epoch / config.epochs, clock / budget_seconds)
             set_learning_rate(optimizer, config, progress)
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, precision):
@@ -667,10 +690,10 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
             losses.append(loss.detach())
             samples += len(images) * context.world_size
             waited = time.perf_counter()
-            out_of_time = trained_seconds + waited - started >= budget_seconds
+            clock = trained_seconds + waited - started
             if context.distributed and budget_seconds < math.inf:
-                out_of_time = distributed.broadcast(context, out_of_time)  # every rank stops at the same step
-            if out_of_time:
+                clock = distributed.broadcast(context, clock)  # the same learning rate and last step on all
+            if clock >= budget_seconds:
                 break
         distributed.sync_buffers(context, model)
         step_losses = torch.stack(losses).float().cpu().tolist()
@@ -682,7 +705,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
                 f"{epoch + 1} of {run_dir}: check the images for NaN or extreme values, or lower lr "
                 f"({config.lr}); the checkpoint of the last good epoch is kept"
             )
-        train_seconds = time.perf_counter() - started
+        train_seconds = distributed.broadcast(context, time.perf_counter() - started)  # one clock: rank 0's
         show = (epoch + 1) % config.vis_freq == 0 or epoch + 1 == config.epochs
         result = validate(
             model, val_cases, base_loss, info, context, shapes, config, overlays=8 if show else 0
@@ -878,6 +901,11 @@ def evaluate(
     _check_ensemble(run_dirs, runs, data_dir is None)
     if mirror_tta is not None:
         runs = [(dataclasses.replace(config, mirror_tta=mirror_tta), a, m) for config, a, m in runs]
+    for folder, (run_config, _, _) in zip(run_dirs, runs, strict=True):
+        if run_config.mirror_tta and not run_config.aug_flip:
+            raise ValueError(
+                f"mirror_tta: {folder} was trained without flips (aug_flip=0), so mirroring is no TTA"
+            )
     config, args, _ = runs[0]
     info: DatasetInfo = args["info"]
     method = args["postprocessing"]

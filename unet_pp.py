@@ -69,6 +69,12 @@ class UNetPlusPlus(UNetBase):
             raise ValueError(f"inference_depth must be 1..{MAX_DEPTH}, got {depth}")
         self._inference_depth = depth
 
+    @property
+    def trains_every_parameter(self) -> bool:
+        """Whether a training step reaches every parameter: without deep supervision the heads of
+        X[0, 1..3] get no gradient (DistributedDataParallel must then look for unused parameters)."""
+        return self.deep_supervision
+
     @staticmethod
     def _nested_nodes(depth: int) -> list[tuple[int, int]]:
         """(level, column) of every non-backbone node a network of ``depth`` needs, in order."""

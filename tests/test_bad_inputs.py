@@ -16,6 +16,7 @@ from config import TrainConfig
 from dataset import find_sources
 from engine import evaluate, load_run, train
 from synthetic import make_decathlon, make_kaggle_3m
+from train import parse_overrides
 from volumes import read_volume, write_volume
 
 
@@ -76,7 +77,7 @@ def copy_of(folder: Path, target: Path) -> Path:
         ("validation_cases", 0, "validation_cases must be at least 1"),
         ("validation_cases", -2, "validation_cases must be at least 1"),
         ("test_cases", -1, "test_cases must be at least 1"),
-        ("test_cases", True, "test_cases must be at least 1"),
+        ("test_cases", True, r"test_cases must be an integer or a list, got True \(bool\)"),
         ("test_cases", [], "test_cases as a list must name one or more distinct case ids"),
         ("validation_cases", ["a", "a"], "validation_cases as a list must name one or more distinct"),
         ("validation_cases", [3], "validation_cases as a list must name one or more distinct case ids"),
@@ -84,13 +85,21 @@ def copy_of(folder: Path, target: Path) -> Path:
         ("slice_axis", 3, "slice_axis must be 0, 1 or 2"),
         ("edge_slices", -1, "edge_slices must be 0 or more"),
         ("context_slices", -1, "context_slices must be an integer, 0 or more"),
-        ("context_slices", 1.5, "context_slices must be an integer, 0 or more"),
-        ("context_slices", True, "context_slices must be an integer, 0 or more"),
+        ("context_slices", 1.5, r"context_slices must be an integer, got 1\.5 \(float\)"),
+        ("context_slices", True, r"context_slices must be an integer, got True \(bool\)"),
         ("patch_size", [32, 32], r"patch_size must be 3 positive sizes"),
         ("foreground_jitter", 1.5, r"foreground_jitter must be in \[0, 1\]"),
         ("batch_size", 0, "batch_size must be at least 1"),
         ("lr", -1e-3, "lr must be positive"),
         ("amp", "fp8", "amp must be one of"),
+        ("epochs", 2.0, r"epochs must be an integer, got 2\.0 \(float\)"),
+        ("lr", "fast", r"lr must be a number, got 'fast' \(str\)"),
+        ("model_options", {"init_features": 8}, "model_options must not hold 'init_features'"),
+        ("model", "unett", "unknown model 'unett'; valid names: unet, "),
+        ("model_options", {"depht": 3}, "model 'unet' does not accept option 'depht'"),
+        ("loss", "dice_cee", "unknown loss 'dice_cee'; expected one of: bce, "),
+        ("loss_options", {"gama": 2}, "loss 'dice' got unexpected option"),
+        ("aug_flip_axes", [2], r"aug_flip_axes must be spatial axes of a 2D network \(-2\.\.1\), got \[2\]"),
     ],
 )
 def test_an_impossible_setting_is_refused_before_any_data_is_read(
@@ -100,8 +109,30 @@ def test_an_impossible_setting_is_refused_before_any_data_is_read(
         raise AssertionError("data was read before the settings were checked")
 
     monkeypatch.setattr("engine.find_sources", never)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         train(tiny(tmp_path, tmp_path / "data", **{setting: value}))
+
+
+def test_mirrored_inference_without_flips_in_training_is_refused(tmp_path, trained):
+    with pytest.raises(ValueError, match="mirror_tta averages over the flips training makes, and aug_flip=0"):
+        train(tiny(tmp_path, tmp_path / "data", mirror_tta=True, aug_flip=0.0))
+    args = json.loads((trained / "args.json").read_text())
+    assert args["aug_flip"] > 0
+    unflipped = tmp_path / "unflipped"
+    shutil.copytree(trained, unflipped)
+    (unflipped / "args.json").write_text(json.dumps({**args, "aug_flip": 0.0}))
+    with pytest.raises(ValueError, match=r"unflipped was trained without flips \(aug_flip=0\)"):
+        evaluate(unflipped, mirror_tta=True)
+
+
+def test_numbers_that_yaml_reads_as_text_are_read_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads 3e-4 as the text '3e-4': in a settings file, --set or papermill's -y."""
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-4\ntime_budget_minutes: 5e-1\nepochs: 3\npatch_size: foreground\n")
+    config = TrainConfig.from_file(path, parse_overrides(["aug_scale=3e-1"]))
+    assert (config.lr, config.time_budget_minutes, config.aug_scale) == (1e-4, 0.5, 0.3)
+    assert (config.epochs, config.patch_size) == (3, "foreground")
+    config.check()
 
 
 def test_a_named_held_out_case_missing_from_the_data_is_refused_before_preprocessing(tmp_path, hippocampus):

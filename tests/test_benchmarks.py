@@ -1,5 +1,6 @@
 """The benchmark runner on a few real hippocampus cases, and the report's tables against its results."""
 
+import dataclasses
 import json
 import math
 import re
@@ -18,6 +19,7 @@ import errors  # noqa: E402
 import numpy as np  # noqa: E402
 import run  # noqa: E402
 
+from config import TrainConfig  # noqa: E402
 from dataset import split_cases  # noqa: E402
 from synthetic import DEMO_PATIENTS, make_kaggle_3m  # noqa: E402
 
@@ -186,6 +188,43 @@ def test_the_reports_demo_selection_tables_are_generated_from_its_results_file()
     report = (REPO / "report.md").read_text()
     match = re.search("<!-- demo selection -->\n(.*?)\n<!-- end demo selection -->", report, re.S)
     assert match and match.group(1).strip() == demo_selection.markdown_tables(result)
+
+
+NOT_TRAINING = {"run_name", "runs_dir", "data_dir", "cache_dir", "preprocess_workers", "device", "resume"}
+
+
+def readme_settings(marker: str) -> dict:
+    """The notebook's parameters cell under the `-y` block that follows `marker` in README.md."""
+    notebook = json.loads((REPO / "train.ipynb").read_text())
+    (cell,) = [c for c in notebook["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    namespace: dict = {}
+    exec("".join(cell["source"]), namespace)
+    block = re.search(re.escape(marker) + r" -y '\n(.*?)\n'", (REPO / "README.md").read_text(), re.S)
+    assert block, f"README.md has no -y block after {marker!r}"
+    config = TrainConfig.from_namespace({**namespace, **yaml.safe_load(block.group(1))})
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_TRAINING}
+
+
+def training_settings(config: TrainConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_TRAINING}
+
+
+def test_the_readme_s_reference_command_trains_with_the_reference_settings():
+    assert readme_settings("-p run_name reference") == training_settings(TrainConfig())
+
+
+def test_the_readme_s_hippocampus_command_trains_the_chosen_seed_0_configuration():
+    (record,) = [
+        r
+        for r in json.loads((REPO / "benchmarks" / "results" / "hippocampus.json").read_text())
+        if r.get("chosen") and r["seed"] == 0
+    ]
+    chosen = training_settings(TrainConfig(**record["settings"]))
+    ignored = {"image_size", "vis_freq"}  # image_size is kaggle_3m's; vis_freq only draws TensorBoard images
+    got = readme_settings("-p run_name hippocampus")
+    assert {k: v for k, v in got.items() if k not in ignored} == {
+        k: v for k, v in chosen.items() if k not in ignored
+    }
 
 
 def test_the_readme_quotes_the_demo_results_file():

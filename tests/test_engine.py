@@ -250,6 +250,17 @@ def test_a_finished_run_is_not_trained_again_unless_asked_to_continue(tmp_path, 
     assert len(train(config)["history"]) == 2
 
 
+def test_a_run_the_time_budget_stopped_says_to_raise_the_budget_not_the_epochs(tmp_path, hippocampus, capsys):
+    config = tiny(
+        tmp_path, dataset="msd", data_dir=str(hippocampus), model="unet", epochs=5, time_budget_minutes=1e-4
+    )
+    assert len(train(config)["history"]) == 1
+    capsys.readouterr()
+    train(config)
+    said = capsys.readouterr().out
+    assert "Nothing was changed: raise time_budget_minutes (or set it to None) to continue it" in said
+
+
 def test_starting_over_removes_the_old_state_before_anything_new_is_written(
     tmp_path, hippocampus, monkeypatch
 ):

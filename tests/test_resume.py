@@ -118,3 +118,19 @@ def test_a_run_killed_and_resumed_is_bit_identical_to_the_uninterrupted_run(
     best = read_checkpoint(run_dir / "checkpoint.pt")["best_model"]
     exported = torch.load(run_dir / "weights.pt", weights_only=True)
     assert all(torch.equal(exported[name], best[name]) for name in best)  # weights.pt is the best epoch's
+
+
+def test_a_run_with_dropout_and_a_loader_worker_resumes_bit_identically(tmp_path, data):
+    """Dropout draws from the global RNG; the DataLoader's seed draw must not (its persistent worker
+    starts once per process, so a resumed process would draw once more than the uninterrupted one)."""
+    vnet = {"model": "vnet", "model_options": {"dropout": 0.3}, "patch_size": [16, 16, 16], "num_workers": 1}
+    vnet |= {"init_features": 2, "batch_size": 2, "patches_per_epoch": 4, "epochs": 2}
+    straight = {**run_settings(tmp_path, data, "straight"), **vnet}
+    killed = {**run_settings(tmp_path, data, "killed"), **vnet}
+    assert train_in_subprocess(straight) == 0
+    assert train_in_subprocess(killed, "engine:set_learning_rate", 3) == -9, "the kill did not happen"
+    assert train_in_subprocess(killed) == 0
+    weights, history, _ = outcome(tmp_path / "runs" / "killed")
+    reference_weights, reference_history, _ = outcome(tmp_path / "runs" / "straight")
+    assert history == reference_history
+    assert all(torch.equal(weights[name], value) for name, value in reference_weights.items())
