@@ -124,22 +124,15 @@ def test_two_processes_train_the_run_of_one_process_and_only_rank_0_writes(
     assert args["world_size"] == 2 and network.training is False
 
 
-def test_unet_pp_without_deep_supervision_trains_in_two_processes(tmp_path, data):
-    """Its three upper heads get no gradient; DistributedDataParallel must be told, or step 2 fails."""
-    config = settings_file(tmp_path, data, run_name="nested", model="unet_pp", epochs=1)
-    launch(config, 2)
-    result = json.loads((tmp_path / "runs" / "nested" / "result.json").read_text())
-    assert len(result["rank_weights"]) == 2 and len(set(result["rank_weights"])) == 1
-
-
-def test_a_time_budget_with_the_poly_schedule_keeps_the_ranks_identical(tmp_path, data):
-    """The learning rate follows the time spent: by rank 0's clock, or the ranks' weights drift apart."""
+def test_a_time_budget_with_the_poly_schedule_keeps_the_ranks_identical_and_unet_pp_trains(tmp_path, data):
+    """The learning rate follows the time spent: by rank 0's clock, or the ranks' weights drift apart.
+    UNet++ without deep supervision leaves three heads without gradient: DistributedDataParallel must be
+    told, or the second step fails."""
     config = settings_file(
         tmp_path,
         data,
         run_name="budget",
-        model="res_unet",
-        model_options={"norm": "instance"},
+        model="unet_pp",
         epochs=3,
         lr_schedule="poly",
         time_budget_minutes=0.5,
