@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -817,7 +818,12 @@ def load_run(run_dir: str | Path, device: torch.device) -> tuple[TrainConfig, di
             f"{run_dir / ARGS} (another network, or other options?): {str(error).splitlines()[0]}"
         ) from error
     model.eval()
-    return config, {**args, "info": info, "postprocessing": result.get("postprocessing", "none")}, model
+    postprocessing = (  # the choice of the epoch whose weights these are, also for an unfinished run
+        choose_postprocessing(stored["history"][stored["best_epoch"] - 1])
+        if source == checkpoint
+        else result.get("postprocessing", "none")
+    )
+    return config, {**args, "info": info, "postprocessing": postprocessing}, model
 
 
 def write_prediction(labels: np.ndarray, geometry: Geometry, folder: Path, name: str) -> Path:
@@ -825,13 +831,20 @@ def write_prediction(labels: np.ndarray, geometry: Geometry, folder: Path, name:
     return write_volume(labels.astype(np.uint8), geometry, folder / name)
 
 
-def output_folder(run_dirs: Sequence[Path], data_dir: str | None) -> Path:
-    """Where evaluate writes: inference[-ensemble<n>] in the first run, plus which data folder it was.
+def output_folder(run_dirs: Sequence[Path], data_dir: str | None, mirror_tta: bool | None = None) -> Path:
+    """Where evaluate writes: inference[-ensemble<n>-<members>][-mirrored|-unmirrored][-<data>] in the
+    first run's folder, so that no two evaluations share a folder.
 
-    Two data folders of the same name (the demo's kaggle_3m and a real one) get different folders: the
-    name is followed by a short hash of the folder's full path.
+    An ensemble's name holds a short hash of its members' paths; a mirror_tta that overrides the run's
+    own setting is named; a data folder is named with a short hash of its full path (the demo's
+    kaggle_3m and a real one differ).
     """
-    base = "inference" if len(run_dirs) == 1 else f"inference-ensemble{len(run_dirs)}"
+    base = "inference"
+    if len(run_dirs) > 1:
+        members = "\n".join(str(Path(folder).resolve()) for folder in run_dirs)
+        base += f"-ensemble{len(run_dirs)}-{hashlib.sha1(members.encode()).hexdigest()[:8]}"
+    if mirror_tta is not None:
+        base += "-mirrored" if mirror_tta else "-unmirrored"
     if data_dir is None:
         return run_dirs[0] / base
     resolved = str(Path(data_dir).resolve())
@@ -859,6 +872,19 @@ def _figures(case: Case, source, shown: np.ndarray, truth: np.ndarray | None, fo
     save_case_figures(case.case_id, image, pred, truth, out_dir=folder, slice_names=list(names[present]))
 
 
+OUTPUTS = ("dsc.csv", "dsc*.png", "scans.csv", "candidates.csv", "sensitivities-*.csv", "froc-*.png")
+
+
+def clear_outputs(output: Path) -> None:
+    """Remove what an earlier evaluate wrote to `output` (its tables, plots, label maps and figures), so
+    that a smaller evaluation leaves no stale case behind; nothing else in the folder is touched."""
+    for pattern in OUTPUTS:
+        for path in output.glob(pattern):
+            path.unlink()
+    for folder in ("labels", "predictions"):
+        shutil.rmtree(output / folder, ignore_errors=True)
+
+
 def plot_subsets(rows: list[dict], output: Path, name: str) -> None:
     """Per-case DSC bar plots, one per subset, so that no mean mixes validation and test cases: dsc.png
     shows the test cases (or the only subset predicted), dsc-<subset>.png each other subset."""
@@ -882,7 +908,8 @@ def evaluate(
     source grid (the original slices or scan, every slice of it).
 
     Without data_dir: the run's own cases of `subsets` ("validation", "test", "train"). With data_dir:
-    every case in that folder, labelled or not, preprocessed as the run's plan says; unlabelled cases get
+    every case in that folder, labelled or not (LUNA16 scans need their lung masks), preprocessed as the
+    run's plan says; unlabelled cases get
     prediction overlays and GIFs but no metrics. Probabilities are mapped back onto the source grid before
     they become labels, so metrics compare with the original-resolution reference, with HD95 in mm for
     scans and in pixels of the original slices for kaggle_3m. The post-processing the run chose on its
@@ -927,9 +954,15 @@ def evaluate(
                 f"{data_dir} has {found.in_channels} image channel(s), the run {run_dirs[0]} was trained on "
                 f"{info.in_channels}"
             )
+        if found.class_names != info.class_names:
+            raise ValueError(
+                f"{data_dir} labels its classes {found.class_names}, the run {run_dirs[0]} was trained on "
+                f"{info.class_names}: the per-class columns would name the wrong structures"
+            )
         wanted = {source.case_id: Path(data_dir).name for source in sources}
     cases = prepare_cases(sources, args["plan"], info, config.cache_dir, config.preprocess_workers)
-    output = Path(output_dir) if output_dir else output_folder(run_dirs, data_dir)
+    output = Path(output_dir) if output_dir else output_folder(run_dirs, data_dir, mirror_tta)
+    clear_outputs(output)
     if info.task == "detection":
         return _evaluate_detection(cases, runs, wanted, torch_device, output, name)
     suffix = ".mhd" if config.dataset == "luna" else ".nii.gz"

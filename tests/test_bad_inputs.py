@@ -254,6 +254,16 @@ def test_a_one_channel_run_on_a_two_channel_set_is_refused(tmp_path, trained, hi
         evaluate(trained, data_dir=str(data), output_dir=tmp_path / "out")
 
 
+def test_an_evaluation_set_whose_classes_have_other_names_is_refused(tmp_path, trained, hippocampus):
+    data = copy_of(hippocampus, tmp_path / "msd")
+    description = json.loads((data / "dataset.json").read_text())
+    labels = description["labels"]
+    swapped = {"0": labels["0"], "1": labels["2"], "2": labels["1"]}
+    (data / "dataset.json").write_text(json.dumps({**description, "labels": swapped}))
+    with pytest.raises(ValueError, match=r"labels its classes .* the per-class columns would name the wrong"):
+        evaluate(trained, data_dir=str(data), output_dir=tmp_path / "out")
+
+
 def test_a_full_disk_says_no_space_left_and_names_the_path(tmp_path, monkeypatch):
     def full(state, file):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 4042")

@@ -27,7 +27,7 @@ from engine import (
     training_data,
 )
 from synthetic import make_decathlon, make_kaggle_3m, make_luna
-from utils import read_metrics_csv
+from utils import POSTPROCESSING, read_metrics_csv
 from volumes import Geometry, read_volume, write_volume
 
 
@@ -191,6 +191,30 @@ def test_kaggle_overlays_are_drawn_on_the_original_slices_and_hd95_is_in_their_p
     png = Image.open(next((output["output_dir"] / "predictions").glob(f"{row['case']}-*.png")))
     assert png.size == (original.shape[1], original.shape[0])  # not the 32-pixel training size
     assert row["hd95_unit"] == "px"
+
+
+def test_a_second_evaluation_leaves_nothing_of_the_first_and_an_unfinished_run_keeps_its_postprocessing(
+    tmp_path, hippocampus
+):
+    config = tiny(tmp_path, dataset="msd", data_dir=str(hippocampus), model="unet", epochs=1)
+    train(config)
+    both = evaluate(config.run_dir)
+    assert (both["output_dir"] / "dsc-validation.png").exists()
+    test_only = evaluate(config.run_dir, subsets=["test"])
+    assert test_only["output_dir"] == both["output_dir"]
+    test_ids = {row["case"] for row in test_only["rows"]}
+    written = {p.name.split(".")[0] for p in (both["output_dir"] / "labels").iterdir()}
+    assert written == test_ids and not (both["output_dir"] / "dsc-validation.png").exists()
+    assert (
+        evaluate(config.run_dir, subsets=["test"], mirror_tta=True)["output_dir"].name == "inference-mirrored"
+    )
+    chosen = test_only["postprocessing"]
+    stale = json.loads((config.run_dir / "result.json").read_text())  # as a continued run's, killed before
+    other = next(method for method in POSTPROCESSING if method != chosen)  # its end, still has
+    (config.run_dir / "result.json").write_text(json.dumps({**stale, "postprocessing": other}))
+    assert load_run(config.run_dir, torch.device("cpu"))[1]["postprocessing"] == chosen
+    (config.run_dir / "result.json").unlink()  # as a run killed in its first training has none
+    assert load_run(config.run_dir, torch.device("cpu"))[1]["postprocessing"] == chosen
 
 
 def test_output_folders_of_two_data_folders_with_the_same_name_differ(tmp_path):
@@ -423,7 +447,9 @@ def test_evaluate_predicts_with_the_ensemble_of_several_runs(tmp_path, hippocamp
     train(first)
     train(second)
     result = evaluate([first.run_dir, second.run_dir], subsets=["test"])
-    assert result["output_dir"] == first.run_dir / "inference-ensemble2"
+    assert result["output_dir"] == output_folder([first.run_dir, second.run_dir], None)
+    assert result["output_dir"].name.startswith("inference-ensemble2-")
+    assert output_folder([first.run_dir, first.run_dir], None) != result["output_dir"]
     (row,) = result["rows"]
     _, args, _ = load_run(first.run_dir, torch.device("cpu"))
     (case,) = [case for case in load_cases(first, plan=args["plan"])[0] if case.case_id == row["case"]]

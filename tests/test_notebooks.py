@@ -97,7 +97,7 @@ def test_inference_notebook_takes_a_list_of_runs_as_an_ensemble(trained_run):
     run_notebook(
         "inference.ipynb", tmp_path / "inference-ensemble.ipynb", run_dir=[str(run_dir)] * 2, subsets=["test"]
     )
-    (row,) = read_metrics_csv(run_dir / "inference-ensemble2" / "dsc.csv")
+    (row,) = read_metrics_csv(output_folder([run_dir, run_dir], None) / "dsc.csv")
     (alone,) = evaluate(run_dir, subsets=["test"], output_dir=tmp_path / "alone")["rows"]
     assert row["case"] == alone["case"]
     assert row["dsc_mean"] == pytest.approx(alone["dsc_mean"], abs=1e-4)  # two copies predict as one
