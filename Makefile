@@ -39,13 +39,14 @@ tensorboard: install
 # split, and `--protocol` marks the chosen record and writes the headline (report.md, "Protocol").
 CANDIDATES := res_unet3d_fullres8_affine30_pfg res_unet3d_fullres8_affine30_pfg_intensity25 \
 	res_unet3d_fullres8_affine30_pfg_intensity25_ensemble2
-CHOSEN ?= res_unet3d_fullres8_affine30_pfg_intensity25  # what --protocol chose from the seed-0 runs
+# What the seed-0 runs' validation DSC chooses, read when the further seeds start.
+CHOSEN = $$($(PY) benchmarks/run.py --chosen --budget 20)
 bench: install
 	$(PY) benchmarks/run.py --configs $(CANDIDATES) --budget 20 --tuned --seeds 0
 	$(PY) benchmarks/peers.py monai --budget 20
 	$(PY) benchmarks/run.py --configs $(CHOSEN) --budget 20 --tuned --seeds 1 2
 	$(PY) benchmarks/run.py --protocol --budget 20
-	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-$(strip $(CHOSEN))_tuned-20min-seed0
+	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-$(CHOSEN)_tuned-20min-seed0
 	$(PY) benchmarks/demo_selection.py
 	$(PY) benchmarks/model_speed.py --demo --repeats 10 --threads 2
 	$(PY) benchmarks/demo_errors.py runs/benchmarks/demo-scale30_intensity25_epochs35_poly \

@@ -268,6 +268,23 @@ def final_summary(records: list[dict], chosen: str) -> dict[str, dict]:
     return summary
 
 
+def write_result(records: list[dict], path: Path, date: str) -> str:
+    """Compare, choose and summarise the records (in place) and write the results file; the chosen name."""
+    compare_with_baseline(records)
+    chosen = mark_chosen(records)
+    result = {
+        "development": {"seed": DEVELOPMENT_SEED, "patients": DEVELOPMENT_PATIENTS},
+        "seeds": list(SEEDS),
+        "date": date,
+        "chosen": chosen,
+        "final": final_summary(records, chosen),
+        "records": records,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return chosen
+
+
 def interval(low: float, high: float) -> str:
     """A confidence interval as report.md writes it."""
     return f"{low:.3f}–{high:.3f}"
@@ -322,9 +339,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "benchmarks")
     parser.add_argument("--output", type=Path, default=RESULT)
     parser.add_argument("--tables", action="store_true", help="print report.md's tables and stop")
+    parser.add_argument(
+        "--recompute",
+        action="store_true",
+        help="recompute the comparisons, the choice and the summary from the recorded runs (no training)",
+    )
     args = parser.parse_args(argv)
     if args.tables:
         print(markdown_tables(json.loads(args.output.read_text())))
+        return 0
+    if args.recompute:
+        recorded = json.loads(args.output.read_text())
+        chosen = write_result(recorded["records"], args.output, recorded["date"])
+        print(f"recomputed {len(recorded['records'])} records; chosen: {chosen}")
         return 0
     if args.only:
         plan = [(name, seed) for name in args.only for seed in args.seeds]
@@ -336,18 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, seed in plan:
         record = run_candidate(name, seed, args.runs_dir, data)
         kept = [r for r in kept if (r["config"], r["seed"]) != (name, seed)] + [record]
-        compare_with_baseline(kept)
-        chosen = mark_chosen(kept)
-        result = {
-            "development": {"seed": DEVELOPMENT_SEED, "patients": DEVELOPMENT_PATIENTS},
-            "seeds": list(SEEDS),
-            "date": datetime.date.today().isoformat(),
-            "chosen": chosen,
-            "final": final_summary(kept, chosen),
-            "records": kept,
-        }
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=1) + "\n")
+        chosen = write_result(kept, args.output, datetime.date.today().isoformat())
         print(
             f"{name} (seed {seed}): development mean DSC {record['development_dsc_mean']:.3f}; "
             f"chosen so far: {chosen}"

@@ -17,8 +17,8 @@ with a markdown table beside them (.md); records of the protocol before this one
 benchmarks/results/legacy/.
 
     .venv/bin/python benchmarks/run.py --budget 20 --tuned --configs res_unet3d_fullres8_affine30_pfg
-    .venv/bin/python benchmarks/run.py --protocol
-    .venv/bin/python benchmarks/run.py --quick --cases 10 --budget 0.02   # a smoke check
+    .venv/bin/python benchmarks/run.py --protocol        # chooses among the 20-minute runs
+    .venv/bin/python benchmarks/run.py --quick --cases 10 --budget 0.02 --results /tmp/smoke.json
 """
 
 from __future__ import annotations
@@ -345,6 +345,8 @@ def run_one(suite_name: str, name: str, seed: int, args: argparse.Namespace, dat
         "torch": torch.__version__,
     }
     record["date"] = datetime.date.today().isoformat()
+    if args.quick or args.cases:
+        record["quick"] = True  # a smoke check: never a candidate of the protocol
     return record
 
 
@@ -386,9 +388,25 @@ PROTOCOL = REPO / "benchmarks" / "results" / "protocol.json"
 SELECTION_SEED = 0  # every configuration is trained with this seed; only those runs choose
 
 
+def protocol_runs(records: list[dict], budget: float) -> list[dict]:
+    """The project's runs at a budget that the protocol reads: no peer's, no smoke check's, one machine's
+    (a ValueError names the machines when there are several: runs of two CPUs are no seeds of one)."""
+    runs = [r for r in records if r["budget_minutes"] == budget and not r.get("peer") and not r.get("quick")]
+    if not runs:
+        budgets = sorted({r["budget_minutes"] for r in records if not r.get("peer") and not r.get("quick")})
+        raise ValueError(f"no runs of {budget:g} minutes to choose from; the results hold budgets {budgets}")
+    devices = sorted({r["device"] for r in runs})
+    if len(devices) > 1:
+        raise ValueError(
+            f"the runs of {budget:g} minutes come from {len(devices)} machines ({'; '.join(devices)}): the "
+            "protocol compares the runs of one machine, so keep each machine's in its own file (--results)"
+        )
+    return runs
+
+
 def selection_runs(records: list[dict], budget: float, seed: int = SELECTION_SEED) -> list[dict]:
     """The project's runs at a budget with the selection seed: one per configuration."""
-    return [r for r in records if r["budget_minutes"] == budget and r["seed"] == seed and not r.get("peer")]
+    return [r for r in protocol_runs(records, budget) if r["seed"] == seed]
 
 
 def choose(records: list[dict], budget: float, seed: int = SELECTION_SEED) -> str:
@@ -398,6 +416,8 @@ def choose(records: list[dict], budget: float, seed: int = SELECTION_SEED) -> st
         {"config": r["config"], "validation": r["val_dsc_mean"]}
         for r in selection_runs(records, budget, seed)
     ]
+    if not summaries:
+        raise ValueError(f"no seed-{seed} runs of {budget:g} minutes to choose from")
     return choose_by_validation(summaries, key="validation")["config"]
 
 
@@ -431,13 +451,14 @@ def protocol_summary(records: list[dict], peers: list[dict], budget: float) -> d
     trained on the same split, budget and machine, and the report's headline sentence. Marks the records
     of the chosen configuration `"chosen": true` (the others false)."""
     chosen = choose(records, budget)
+    counted = {id(r) for r in protocol_runs(records, budget)}
     for record in records:
-        record["chosen"] = record["config"] == chosen and record["budget_minutes"] == budget
+        record["chosen"] = record["config"] == chosen and id(record) in counted
     mine = [r for r in records if r["chosen"]]
     seeds = [r["dsc_mean"] for r in mine]
     ours = per_case(mine)
     mean, low, high = bootstrap_ci(list(ours.values()))
-    candidates = sorted({r["config"] for r in records if r["budget_minutes"] == budget and not r.get("peer")})
+    candidates = sorted({r["config"] for r in protocol_runs(records, budget)})
     headline = (
         f"Chosen by mean validation DSC among {len(candidates)} configurations trained for {budget:g} CPU "
         f"minutes: `{chosen}`, test mean DSC {mean:.3f} (95% CI {low:.3f}-{high:.3f}, {len(ours)} cases"
@@ -504,18 +525,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="the data folder (default: the suite's)")
     parser.add_argument("--configs", nargs="+", help="configurations to run (default: all of the suite's)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--budget", type=float, default=5.0, help="training minutes per configuration")
+    parser.add_argument(
+        "--budget", type=float, help="training minutes per configuration (default 5; with --protocol, 20)"
+    )
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "benchmarks")
     parser.add_argument("--results", type=Path, help="results file (default: the suite's)")
     parser.add_argument("--quick", action="store_true", help="one tiny epoch per configuration")
     parser.add_argument("--cases", type=int, help="use only the first N labelled cases (a smoke check)")
     parser.add_argument("--tuned", action="store_true", help="add channels-last and the poly schedule")
     parser.add_argument("--protocol", action="store_true", help="choose by validation, compare with peers")
+    parser.add_argument(
+        "--chosen",
+        action="store_true",
+        help="print the configuration the seed-0 runs choose (for make bench)",
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.protocol:
-        print(protocol(args.suite, args.budget)["headline"])
+    if args.protocol or args.chosen:
+        budget = 20.0 if args.budget is None else args.budget
+        if args.chosen:
+            records = json.loads((args.results or SUITES[args.suite].results).read_text())
+            print(choose(records, budget).removesuffix("_tuned"))
+        else:
+            print(protocol(args.suite, budget)["headline"])
         return 0
+    args.budget = 5.0 if args.budget is None else args.budget
+    if (args.quick or args.cases) and args.results is None and not args.one:
+        parser.error(
+            "--quick and --cases are smoke checks: give --results <scratch file>, so that the "
+            "committed results stay as measured"
+        )
     suite = SUITES[args.suite]
     data = args.data or suite.data
     results = args.results or suite.results
@@ -548,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, __file__, "--one", "--suite", args.suite, "--configs", name]
             command += ["--seeds", str(seed), "--budget", str(args.budget), "--data", str(data)]
             command += ["--runs", str(args.runs), *(["--quick"] if args.quick else [])]
+            command += ["--cases", str(args.cases)] if args.cases else []
             command += ["--tuned"] if args.tuned else []
             with tempfile.TemporaryFile("w+") as log:
                 finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)

@@ -53,15 +53,15 @@ class PairedDifference:
 
 
 def finite_values(values: Sequence[float], what: str = "values") -> np.ndarray:
-    """The values as a 1-D float array; ValueError when empty or when any is NaN."""
+    """The values as a 1-D float array; ValueError when empty or when any is NaN or infinite."""
     array = np.asarray(values, dtype=np.float64).reshape(-1)
     if array.size == 0:
         raise ValueError(f"{what} is empty")
-    missing = np.flatnonzero(np.isnan(array))
+    missing = np.flatnonzero(~np.isfinite(array))
     if missing.size:
         raise ValueError(
-            f"{what} holds NaN at positions {missing.tolist()}: decide what a missing value means "
-            "(e.g. score 0, or drop the case from both methods) before computing statistics"
+            f"{what} holds NaN or infinity at positions {missing.tolist()}: decide what a missing value "
+            "means (e.g. score 0, or drop the case from both methods) before computing statistics"
         )
     return array
 
@@ -157,7 +157,10 @@ def paired_difference(
 
 
 def format_p(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    """Three decimals; four near 0.05, so that 0.0496 is not printed as 0.050 beside a claim."""
+    if p < 0.001:
+        return "p < 0.001"
+    return f"p = {p:.4f}" if 0.04 <= p < 0.06 else f"p = {p:.3f}"
 
 
 def verdict(
@@ -171,13 +174,17 @@ def verdict(
     """One line: "A better than B (p = …)", "B better than A (p = …)" or "no significant difference (p = …)".
 
     The p-value is the Wilcoxon signed-rank test's (`test="bootstrap"`: the paired bootstrap's); the
-    direction is the sign of the mean difference a − b, read with `higher_is_better`.
+    direction is the sign of the mean difference a − b, read with `higher_is_better`. A difference is
+    claimed only where the test and the paired-bootstrap interval of the mean difference agree: the signed
+    ranks can favour A while one large loss makes the mean favour B, and then neither is claimed.
     """
     if test not in ("wilcoxon", "bootstrap"):
         raise ValueError(f"test must be 'wilcoxon' or 'bootstrap', got {test!r}")
     p = result.wilcoxon_p if test == "wilcoxon" else result.bootstrap_p
     if p >= alpha or result.mean_difference == 0.0:
         return f"no significant difference ({format_p(p)})"
+    if result.low <= 0.0 <= result.high:
+        return f"no significant difference ({format_p(p)}, but the interval of the mean difference holds 0)"
     a_wins = (result.mean_difference > 0) == higher_is_better
     better, worse = (name_a, name_b) if a_wins else (name_b, name_a)
     return f"{better} better than {worse} ({format_p(p)})"

@@ -58,7 +58,8 @@ def test_the_runner_completes_a_tiny_configuration_with_every_field_plausible(tm
 def test_the_runner_chooses_by_validation_even_when_another_configuration_is_better_on_test():
     def record(config, seed, validation, test):
         return {"config": config, "seed": seed, "budget_minutes": 20, "val_dsc_mean": validation} | {
-            "dsc_mean": test
+            "dsc_mean": test,
+            "device": "CPU A",
         }
 
     records = [
@@ -68,14 +69,28 @@ def test_the_runner_chooses_by_validation_even_when_another_configuration_is_bet
         record("better_on_validation", 1, 0.78, 0.85),  # further seeds of a chosen one do not choose
         record("other_budget", 0, 0.99, 0.99) | {"budget_minutes": 5},
         record("a_peer", 0, 0.99, 0.99) | {"peer": "monai"},
+        record("a_smoke_check", 0, 0.99, 0.99) | {"quick": True},
     ]
     assert run.choose(records, 20) == "better_on_validation"
+    with pytest.raises(
+        ValueError, match=r"no runs of 3 minutes to choose from; the results hold budgets \[5, 20\]"
+    ):
+        run.choose(records, 3)
+    other_machine = record("better_on_test", 0, 0.80, 0.90) | {"device": "GPU B"}
+    with pytest.raises(ValueError, match=r"come from 2 machines \(CPU A; GPU B\)"):
+        run.choose([*records, other_machine], 20)
+
+
+def test_a_smoke_check_needs_its_own_results_file(capsys):
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--cases", "4"])
+    assert "give --results <scratch file>" in capsys.readouterr().err
 
 
 def test_the_chosen_configuration_is_compared_with_each_other_candidate_on_the_same_test_cases():
     def record(config, seed, test_per_case):
         rows = {case: {"dsc_mean": value} for case, value in test_per_case.items()}
-        return {"config": config, "seed": seed, "budget_minutes": 20, "rows": {"test": rows}}
+        return {"config": config, "seed": seed, "budget_minutes": 20, "rows": {"test": rows}, "device": "cpu"}
 
     cases = [f"case{i}" for i in range(12)]
     chosen = dict(zip(cases, np.linspace(0.80, 0.90, 12), strict=True))

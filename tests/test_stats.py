@@ -25,7 +25,7 @@ def test_a_single_value_gives_a_degenerate_interval():
 
 
 def test_a_nan_value_is_refused_with_its_position():
-    with pytest.raises(ValueError, match=r"NaN at positions \[1\]"):
+    with pytest.raises(ValueError, match=r"NaN or infinity at positions \[1\]"):
         stats.bootstrap_ci([0.9, float("nan"), 0.7])
 
 
@@ -93,6 +93,31 @@ def test_a_small_noisy_difference_is_not_significant():
     result = stats.paired_difference([0.80, 0.90, 0.70, 0.85], [0.82, 0.88, 0.71, 0.84])
     assert stats.verdict(result, "A", "B") == f"no significant difference (p = {result.wilcoxon_p:.3f})"
     assert result.low < 0 < result.high
+
+
+def test_ranks_that_favour_one_method_and_a_mean_that_favours_the_other_claim_nothing():
+    """15 small gains and one large loss: the signed-rank test is significant, the mean is negative."""
+    b = [0.80 + 0.005 * k for k in range(16)]
+    a = [value + 0.01 for value in b[:15]] + [b[15] - 0.5]
+    result = stats.paired_difference(a, b)
+    assert result.wilcoxon_p < 0.05 and result.mean_difference < 0 and result.low < 0 < result.high
+    assert stats.verdict(result, "A", "B") == (
+        f"no significant difference ({stats.format_p(result.wilcoxon_p)}, "
+        "but the interval of the mean difference holds 0)"
+    )
+
+
+def test_p_values_near_the_threshold_keep_a_fourth_decimal():
+    assert (stats.format_p(0.0496), stats.format_p(0.0504), stats.format_p(0.2189)) == (
+        "p = 0.0496",
+        "p = 0.0504",
+        "p = 0.219",
+    )
+
+
+def test_infinite_values_are_refused_like_missing_ones():
+    with pytest.raises(ValueError, match=r"NaN or infinity at positions \[0\]"):
+        stats.bootstrap_ci([math.inf, 1.0, 2.0])
 
 
 def test_seed_spread_is_the_mean_and_sample_standard_deviation():
