@@ -497,6 +497,9 @@ def _resume_state(config: TrainConfig, case_ids: list[str], context: distributed
     return state
 
 
+LIMIT_HINTS = {"epochs": "epochs", "time_budget_minutes": "time_budget_minutes (or set it to None)"}
+
+
 def _limits_reached(state: dict, config: TrainConfig) -> list[str]:
     """The settings whose limit a run has reached: `epochs`, `time_budget_minutes`, both or neither."""
     trained = sum(entry["seconds"] for entry in state["history"])
@@ -572,8 +575,8 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
         say(
             f"Run {run_dir} is finished ({len(state['history'])} epochs, best validation score "
             f"{state['best']:.4f} at epoch {state['best_epoch']}); its results are in {run_dir}. Nothing was "
-            f"changed: raise {' and '.join(limits).replace('minutes', 'minutes (or set it to None)')} to "
-            "continue it, or set resume=False to start over."
+            f"changed: raise {' and '.join(LIMIT_HINTS[limit] for limit in limits)} to continue it, or set "
+            "resume=False to start over."
         )
         summary = _summary(config, state)
         if context.is_main and not (run_dir / RESULT).exists():  # killed just before writing it

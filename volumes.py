@@ -189,11 +189,12 @@ def _read_metaimage_header(path: Path) -> dict[str, str]:
     return fields
 
 
-def metaimage_data_file(path: str | Path) -> Path | None:
-    """The file that holds an .mhd's voxels (ElementDataFile); None when the voxels are in the header
-    file itself (LOCAL) or split over several files (LIST, or a numbered pattern)."""
+def metaimage_data_file(path: str | Path, fields: dict[str, str] | None = None) -> Path | None:
+    """The file that holds an .mhd's voxels (ElementDataFile; `fields`: its header, when already read);
+    None when the voxels are in the header file itself (LOCAL) or split over several files (LIST, or a
+    numbered pattern)."""
     path = Path(path)
-    name = _read_metaimage_header(path)["elementdatafile"]
+    name = (fields or _read_metaimage_header(path))["elementdatafile"]
     if name.upper() in ("LOCAL", "LIST") or "%" in name:
         return None
     return path.parent / name
@@ -207,7 +208,7 @@ def _check_metaimage_data(path: Path) -> None:
     DimSize x channels x element size, the .zraw by decompressing it (zlib verifies its checksum).
     """
     fields = _read_metaimage_header(path)
-    data_file = metaimage_data_file(path)
+    data_file = metaimage_data_file(path, fields)
     if data_file is None:
         return  # data inside the header file, or split over several files: left to SimpleITK
     if not data_file.is_file():

@@ -81,13 +81,18 @@ def test_a_perfect_probability_map_finds_every_nodule_in_world_mm_through_flippe
     assert result.cpm == 1.0
 
 
-def test_an_annotation_outside_its_scan_names_the_file_and_line(luna, tmp_path):
-    copy = tmp_path / "copy"
+def linked_copy_without_annotations(luna: Path, copy: Path) -> list[str]:
+    """A folder linking every item of the LUNA16 stand-in but annotations.csv; that file's lines."""
     copy.mkdir()
     for item in luna.iterdir():
         if item.name != "annotations.csv":
             (copy / item.name).symlink_to(item)
-    lines = (luna / "annotations.csv").read_text().splitlines()
+    return (luna / "annotations.csv").read_text().splitlines()
+
+
+def test_an_annotation_outside_its_scan_names_the_file_and_line(luna, tmp_path):
+    copy = tmp_path / "copy"
+    lines = linked_copy_without_annotations(luna, copy)
     uid = lines[1].split(",")[0]
     (copy / "annotations.csv").write_text(
         "\n".join([*lines[:2], f"{uid},9000.0,0.0,0.0,5.0", *lines[2:]]) + "\n"
@@ -103,11 +108,7 @@ def test_an_annotation_outside_its_scan_names_the_file_and_line(luna, tmp_path):
 
 def test_annotations_of_scans_not_downloaded_are_left_out_with_a_warning(luna, tmp_path):
     copy = tmp_path / "copy"
-    copy.mkdir()
-    for item in luna.iterdir():
-        if item.name != "annotations.csv":
-            (copy / item.name).symlink_to(item)
-    lines = (luna / "annotations.csv").read_text().splitlines()
+    lines = linked_copy_without_annotations(luna, copy)
     (copy / "annotations.csv").write_text(
         "\n".join([*lines, "9.9.9,1.0,2.0,3.0,6.0", "9.9.9,4,5,6,7"]) + "\n"
     )
