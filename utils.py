@@ -335,22 +335,23 @@ def _csv_cell(value: Any) -> Any:
 
 
 def write_metrics_csv(rows: list[dict], path: str | Path) -> Path:
-    """Write one row per case to a CSV file; returns the path.
+    """Write one row per case to a CSV file, atomically (an interrupted evaluation leaves no half
+    table); returns the path.
 
     Columns follow the key order of the rows (keys first seen in later rows are appended),
     with `case` first; floats are written with 4 decimals (NaN as `nan`), missing cells empty.
     """
     if not rows:
         raise ValueError(f"no rows to write to {path}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     columns = _csv_columns(rows)
-    with path.open("w", newline="") as file:
+
+    def write(file: IO) -> None:
         writer = csv.DictWriter(file, fieldnames=columns, restval="")
         writer.writeheader()
         for row in rows:
             writer.writerow({key: _csv_cell(value) for key, value in row.items()})
-    return path
+
+    return _write_atomic(path, "w", write, newline="")
 
 
 def read_metrics_csv(path: str | Path) -> list[dict[str, Any]]:
@@ -636,7 +637,9 @@ def _read_umask() -> int:
 UMASK = _read_umask()  # read once, at import: setting it is process-wide, so not from worker threads
 
 
-def _write_atomic(path: str | Path, mode: str, write: Callable[[IO], None]) -> Path:
+def _write_atomic(
+    path: str | Path, mode: str, write: Callable[[IO], None], newline: str | None = None
+) -> Path:
     """Write via a temporary file in the same folder, then os.replace it onto `path`.
 
     The replace is atomic, so readers see either the old file or the complete new one; on error
@@ -646,7 +649,7 @@ def _write_atomic(path: str | Path, mode: str, write: Callable[[IO], None]) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(descriptor, mode) as file:
+        with os.fdopen(descriptor, mode, newline=newline) as file:
             write(file)
             file.flush()
             os.fsync(file.fileno())

@@ -337,6 +337,20 @@ def test_write_metrics_csv_round_trips_with_case_first_and_four_decimals(tmp_pat
     assert back[1] == {"case": "p2", "dsc_mean": 0.5, "hd95_tumour": 1.25}
 
 
+def test_a_metrics_table_interrupted_while_written_leaves_the_previous_one_whole(tmp_path):
+    class Unprintable:
+        def __str__(self) -> str:
+            raise KeyboardInterrupt
+
+    path = utils.write_metrics_csv([{"case": "p1", "dsc_mean": 0.5}], tmp_path / "dsc.csv")
+    before = path.read_bytes()
+    rows = [{"case": "p1", "dsc_mean": 0.7}, {"case": "p2", "dsc_mean": Unprintable()}]
+    with pytest.raises(KeyboardInterrupt):
+        utils.write_metrics_csv(rows, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["dsc.csv"]  # no temporary file left
+
+
 def test_plot_dsc_writes_a_png_that_grows_with_the_number_of_cases(tmp_path):
     few = [{"case": f"c{i}", "dsc_mean": i / 5} for i in range(5)]
     many = [{"case": f"c{i}", "dsc_mean": (i % 10) / 10} for i in range(40)]
