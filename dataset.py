@@ -51,6 +51,7 @@ from volumes import (
     Geometry,
     LunaCase,
     NiftiCase,
+    check_headers_match,
     find_luna_cases,
     find_nifti_cases,
     lung_target,
@@ -714,7 +715,8 @@ def prepare_cases(
 
 
 def find_sources(name: str, data_dir: str | Path, require_labels: bool = True) -> tuple[list, DatasetInfo]:
-    """The cases of a data folder (their files, checked; no voxel read) and the data set's description."""
+    """The cases of a data folder (their files, checked; no voxel read: an image and its label must agree
+    in size, spacing, origin and direction by their headers) and the data set's description."""
     if name == "kaggle_3m":
         sources = find_kaggle_cases(data_dir, require_labels)
         info = DatasetInfo(
@@ -733,7 +735,22 @@ def find_sources(name: str, data_dir: str | Path, require_labels: bool = True) -
         info = DatasetInfo(description["class_names"], in_channels=len(channels), channel_names=channels)
     else:
         raise ValueError(f"Unknown dataset {name!r}: expected one of {list(DATASETS)}")
+    for image_path, label_path in _image_label_pairs(sources):
+        check_headers_match(image_path, label_path)
     return sources, info
+
+
+def _image_label_pairs(sources: Sequence) -> list[tuple[Path, Path]]:
+    """(image file, label file) of every labelled volume case, each channel file paired with its label."""
+    pairs = []
+    for source in sources:
+        if isinstance(source, NoduleScan):
+            source = source.scan
+        if isinstance(source, LunaCase):
+            pairs.append((source.ct_path, source.mask_path))
+        elif isinstance(source, NiftiCase) and source.label_path is not None:
+            pairs.extend((path, source.label_path) for path in source.image_paths)
+    return pairs
 
 
 def load_dataset(

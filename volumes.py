@@ -454,6 +454,15 @@ def read_header(path: str | Path) -> tuple[Geometry, tuple[int, int, int]]:
     return geometry, tuple(int(s) for s in reversed(reader.GetSize()[:3]))
 
 
+def check_headers_match(image_path: str | Path, label_path: str | Path) -> None:
+    """ValueError naming both files when an image's header and its label's give different grids: found
+    when the data folder is read, before any case is preprocessed (read_nifti_case and read_luna_case
+    check the volumes again as they read them)."""
+    geometry, shape = read_header(image_path)
+    label_geometry, label_shape = read_header(label_path)
+    check_same_geometry(geometry, label_geometry, shape, label_shape, str(image_path), str(label_path))
+
+
 def load_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """An image file as float32 (C, D, H, W) whatever its stored dtype (uint8, int16, float32...).
 
@@ -825,7 +834,16 @@ def _class_names(labels: object, path: Path) -> dict[int, str]:
             names = {int(index): str(name) for name, index in labels.items()}
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: 'labels' must map integer class indices to names ({error})") from error
-    return {index: name for index, name in sorted(names.items()) if index != 0}
+    foreground = {index: name for index, name in sorted(names.items()) if index != 0}
+    if not foreground:
+        raise ValueError(f"{path}: 'labels' names no foreground class, only the background 0")
+    repeated = sorted({name for name in foreground.values() if list(foreground.values()).count(name) > 1})
+    if repeated or any(name.strip() in ("", "mean") for name in foreground.values()):
+        raise ValueError(  # each name heads its own dsc_<name> column, beside dsc_mean
+            f"{path}: 'labels' must give each foreground class its own name, not empty nor 'mean'; "
+            f"got {foreground}"
+        )
+    return foreground
 
 
 def _channel_names(description: dict, path: Path) -> list[str]:

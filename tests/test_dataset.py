@@ -1,5 +1,6 @@
 """The kaggle_3m reader, its preprocessing, the split and the slice dataset, on tif files written here."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from dataset import (
     slice_sampling_weights,
     split_cases,
 )
+from synthetic import make_decathlon, make_luna
+from volumes import read_volume, write_volume
 
 
 def load_kaggle_3m(data_dir, image_size=16, require_masks=True, cache_dir=None):
@@ -171,6 +174,30 @@ def test_nothing_is_written_in_the_data_folder_and_the_cache_is_reused(tmp_path,
         assert first.slice_names == second.slice_names
     with pytest.raises(AssertionError, match="cache was not used"):
         load_kaggle_3m(data, image_size=20, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("name", ["msd", "luna"])
+def test_a_label_on_another_grid_than_its_image_is_refused_before_any_case_is_read(
+    tmp_path, monkeypatch, name
+):
+    if name == "msd":
+        data = make_decathlon(tmp_path / "data", n_cases=3, shape=(16, 24, 16))
+        image, label = sorted(data.glob("imagesTr/*.nii.gz"))[-1], sorted(data.glob("labelsTr/*.nii.gz"))[-1]
+    else:
+        data = make_luna(tmp_path / "data", n_cases=2, shape=(16, 48, 48))
+        image = sorted(data.glob("subset*/*.mhd"))[-1]
+        label = data / "seg-lungs-LUNA16" / image.name
+    voxels, geometry = read_volume(label)
+    shifted = dataclasses.replace(geometry, origin=tuple(o + 2.0 for o in geometry.origin))
+    write_volume(voxels, shifted, label, compress=name == "luna")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a case was read before the headers were compared")
+
+    monkeypatch.setattr(dataset, "build_case", fail)
+    monkeypatch.setattr(dataset, "make_plan", fail)
+    with pytest.raises(ValueError, match=rf"geometry of {image} and {label} differ: origin"):
+        load_dataset(name, data, cache_dir=None, workers=1)
 
 
 def test_the_split_is_seeded_disjoint_and_complete():

@@ -690,9 +690,27 @@ def test_malformed_dataset_json_is_an_error_naming_it(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "a"}}))
     with pytest.raises(ValueError, match="'training' list"):
         find_decathlon_cases(tmp_path)
-    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "b"}, "training": [{"image": "x"}]}))
+    one_class = {"0": "b", "1": "a"}
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": one_class, "training": [{"image": "x"}]}))
     with pytest.raises(ValueError, match="training entry 0 must have 'image' and 'label'"):
         find_decathlon_cases(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ({"0": "background"}, "no foreground class"),
+        ({"0": "background", "1": "lesion", "2": "lesion"}, "its own name"),
+        ({"0": "background", "1": "mean"}, "its own name"),
+        ({"background": 0, "liver": 1, " ": 2}, "its own name"),
+    ],
+)
+def test_dataset_json_labels_that_would_share_a_metrics_column_are_refused(tmp_path, labels, message):
+    write_decathlon(tmp_path, n_cases=1, test=False)
+    description = json.loads((tmp_path / "dataset.json").read_text())
+    (tmp_path / "dataset.json").write_text(json.dumps({**description, "labels": labels}))
+    with pytest.raises(ValueError, match=rf"dataset\.json: 'labels' .*{message}"):
+        read_dataset_info(tmp_path)
 
 
 def test_a_label_with_values_outside_dataset_json_labels_is_an_error(tmp_path):
