@@ -49,7 +49,7 @@ from detection import circles, find_candidates
 from froc import Candidate, FrocResult, bootstrap_froc, froc, plot_froc, sensitivity_table, write_candidates
 from logger import Logger
 from loss import DeepSupervisionLoss, build_loss
-from models import build_model
+from models import build_model, check_input_size
 from runs import (
     ARGS,
     CHECKPOINT,
@@ -144,9 +144,12 @@ def make_model(config: TrainConfig, info: DatasetInfo) -> torch.nn.Module:
 
 
 def check_network_and_loss(config: TrainConfig) -> None:
-    """Build the network (one channel in and out) and the loss once, so that a misspelt name or option
-    is reported before the data are read and preprocessed (hours on LUNA16), not after."""
-    build_model(config.model, 1, 1, init_features=config.init_features, **config.model_options)
+    """Build the network (one channel in and out) and the loss once, so that a misspelt name or option,
+    or a patch_size the network cannot take, is reported before the data are read and preprocessed
+    (hours on LUNA16), not after."""
+    model = build_model(config.model, 1, 1, init_features=config.init_features, **config.model_options)
+    if model.spatial_dims == 3 and isinstance(config.patch_size, list | tuple):
+        check_input_size(model, config.patch_size)
     build_loss(config.loss, **config.loss_options)
 
 
@@ -620,6 +623,7 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
     device = context.device
     model = make_model(config, info)
     shapes = state["shapes"] if state else data_shapes(train_cases, config, model.size_divisor)
+    check_input_size(model, shapes["patch_size"] if model.spatial_dims == 3 else shapes["slice_size"])
     if context.distributed and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -737,11 +741,13 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
             first_step = epoch * len(loader)
             for offset, value in enumerate(step_losses):
                 logger.scalar("train/loss", value, first_step + offset)
-            logger.scalar("val/loss", result["loss"], epoch)
-            logger.scalar("val/mean_dsc", result["dsc"], epoch)
+            last_step = first_step + len(step_losses) - 1  # validation on the step axis: a resume purges it
+            logger.scalar("val/loss", result["loss"], last_step)
+            logger.scalar("val/mean_dsc", result["dsc"], last_step)
             if "cpm" in result:
-                logger.scalar("val/cpm", result["cpm"], epoch)
-            logger.images("val/overlays", result["overlays"], epoch)
+                logger.scalar("val/cpm", result["cpm"], last_step)
+            logger.images("val/overlays", result["overlays"], last_step)
+            logger.flush()  # on disk before the checkpoint: a resume starts after this epoch
             checkpoint = {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),

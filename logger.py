@@ -15,7 +15,7 @@ class Logger:
     def __init__(self, log_dir: str | Path, purge_step: int | None = None):
         """purge_step: a resumed run's first step; events logged at or after it before the interruption
         are dropped, so a replayed epoch is not shown twice."""
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step or None)
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, value, step)

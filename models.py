@@ -5,13 +5,14 @@ adding a network means adding one entry to ``MODELS``.
 """
 
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
 from attention_unet import AttentionUNet
 from res_unet import ResUNet
-from unet import UNet
+from unet import UNet, check_spatial_size
 from unet_pp import UNetPlusPlus
 from vnet import VNet
 
@@ -75,3 +76,19 @@ def build_model(name: str, in_channels: int, out_channels: int, **options) -> nn
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+
+
+def check_input_size(model: nn.Module, spatial_shape: Sequence[int]) -> None:
+    """ValueError naming the network unless it can train on inputs of this spatial size: every size a
+    multiple of its divisor and, where it normalises per instance, more than one voxel at its deepest
+    level (instance norm has nothing to normalise in one voxel). Called before training starts."""
+    name = type(model).__name__
+    check_spatial_size(spatial_shape, model.size_divisor, name)
+    deepest = [int(size) // model.size_divisor for size in spatial_shape]
+    instance_norms = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+    if math.prod(deepest) == 1 and any(isinstance(m, instance_norms) for m in model.modules()):
+        raise ValueError(
+            f"{name} with instance norm cannot train on inputs of {tuple(spatial_shape)}: its deepest level "
+            f"(1/{model.size_divisor} of the size) holds one voxel; make one axis at least "
+            f"{2 * model.size_divisor} (patch_size), or use norm='batch'"
+        )

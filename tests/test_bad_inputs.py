@@ -113,6 +113,28 @@ def test_an_impossible_setting_is_refused_before_any_data_is_read(
         train(tiny(tmp_path, tmp_path / "data", **{setting: value}))
 
 
+@pytest.mark.parametrize(
+    "options, patch, message",
+    [
+        ({}, [24, 16, 16], r"ResUNet needs every spatial size divisible by 16, got \(24, 16, 16\); pad to"),
+        ({"norm": "instance"}, [16, 16, 16], r"ResUNet with instance norm cannot train on inputs of \(16,"),
+    ],
+)
+def test_a_patch_the_network_cannot_take_is_refused_before_any_data_is_read(
+    tmp_path, options, patch, message, monkeypatch
+):
+    def never(*args, **kwargs):
+        raise AssertionError("data was read before the patch size was checked")
+
+    monkeypatch.setattr("engine.find_sources", never)
+    settings = {"model": "res_unet3d", "model_options": options, "patch_size": patch}
+    with pytest.raises(ValueError, match=message):
+        train(tiny(tmp_path, tmp_path / "data", **settings))
+    train_config = tiny(tmp_path, tmp_path / "data", **{**settings, "patch_size": [32, 16, 16]})
+    with pytest.raises(AssertionError, match="data was read"):  # a patch it can take passes the check
+        train(train_config)
+
+
 def test_mirrored_inference_without_flips_in_training_is_refused(tmp_path, trained):
     with pytest.raises(ValueError, match="mirror_tta averages over the flips training makes, and aug_flip=0"):
         train(tiny(tmp_path, tmp_path / "data", mirror_tta=True, aug_flip=0.0))

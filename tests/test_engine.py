@@ -1,5 +1,6 @@
 """Training and evaluation on generated data: 3D patches, 2D slices of volumes, source grids, runs folders."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -354,6 +355,20 @@ def test_a_data_set_whose_label_maps_are_all_empty_is_refused_before_training(tm
         write_volume(np.zeros_like(label), geometry, label_file)
     config = tiny(tmp_path, dataset="msd", data_dir=str(data), model="unet", spacing=2.0)
     with pytest.raises(ValueError, match="has any foreground voxel"):
+        train(config)
+
+
+def test_a_foreground_patch_too_small_for_instance_norm_is_refused_before_training(
+    tmp_path, hippocampus, monkeypatch
+):
+    def never(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(engine, "set_learning_rate", never)
+    options = {"norm": "instance", "depth": 6}  # 1/64 of the structures' box: one voxel
+    config = tiny(tmp_path, dataset="msd", data_dir=str(hippocampus), model="res_unet3d")
+    config = dataclasses.replace(config, model_options=options, patch_size="foreground")
+    with pytest.raises(ValueError, match=r"instance norm cannot train on inputs of \(64, 64, 64\)"):
         train(config)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from runs import read_checkpoint
 from synthetic import make_decathlon
@@ -53,6 +54,14 @@ def train_in_subprocess(settings: dict, where: str = "", count: int = 0) -> int:
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, timeout=300).returncode
 
 
+def tensorboard_scalars(run_dir: Path, tag: str) -> tuple[list[int], list[float]]:
+    """Steps and values of a scalar as TensorBoard shows them (a resumed run's purge applied)."""
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars(tag)
+    return [event.step for event in scalars], [event.value for event in scalars]
+
+
 def outcome(run_dir: Path) -> tuple[dict, list, int]:
     state = read_checkpoint(run_dir / "checkpoint.pt")
     history = [{k: v for k, v in entry.items() if k not in TIMING} for entry in state["history"]]
@@ -64,7 +73,9 @@ def uninterrupted(data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     settings = run_settings(folder, data, "reference")
     assert train_in_subprocess(settings) == 0
-    return outcome(folder / "runs" / "reference")
+    steps, _ = tensorboard_scalars(folder / "runs" / "reference", "train/loss")
+    assert steps == list(range(3 * 12)), "MOMENTS assume 3 epochs of 12 steps"
+    return folder / "runs" / "reference"
 
 
 def run_settings(folder: Path, data: Path, name: str) -> dict:
@@ -87,10 +98,10 @@ def run_settings(folder: Path, data: Path, name: str) -> dict:
     }
 
 
-# (function whose n-th call kills the run, n): steps run 4 per epoch here, saves 3 atomic writes per epoch
-# (checkpoint.pt, weights.pt, history.json) after args.json.
+# (function whose n-th call kills the run, n): steps run 12 per epoch here (3 cases' slices, batch 8),
+# saves 3 atomic writes per epoch (checkpoint.pt, weights.pt, history.json) after args.json.
 MOMENTS = {
-    "mid-epoch 2": ("engine:set_learning_rate", 6),
+    "mid-epoch 2": ("engine:set_learning_rate", 18),
     "during validation of epoch 2": ("engine:predict_case", 2),
     "inside the checkpoint write of epoch 2": ("os:fsync", 5),
     "between checkpoint and weights of epoch 2": ("os:replace", 6),
@@ -108,7 +119,8 @@ def test_a_run_killed_and_resumed_is_bit_identical_to_the_uninterrupted_run(
     assert train_in_subprocess(settings, where, count) == -9, "the kill did not happen"
     assert train_in_subprocess(settings) == 0
     weights, history, best_epoch = outcome(tmp_path / "runs" / "killed")
-    reference_weights, reference_history, reference_best = uninterrupted
+    reference_dir = uninterrupted
+    reference_weights, reference_history, reference_best = outcome(reference_dir)
     assert history == reference_history and best_epoch == reference_best
     for name, value in reference_weights.items():
         assert torch.equal(weights[name], value), name
@@ -118,6 +130,8 @@ def test_a_run_killed_and_resumed_is_bit_identical_to_the_uninterrupted_run(
     best = read_checkpoint(run_dir / "checkpoint.pt")["best_model"]
     exported = torch.load(run_dir / "weights.pt", weights_only=True)
     assert all(torch.equal(exported[name], best[name]) for name in best)  # weights.pt is the best epoch's
+    for tag in ("train/loss", "val/mean_dsc"):  # nothing lost or shown twice after the resume
+        assert tensorboard_scalars(run_dir, tag) == tensorboard_scalars(reference_dir, tag), tag
 
 
 def test_a_run_with_dropout_and_a_loader_worker_resumes_bit_identically(tmp_path, data):
