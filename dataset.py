@@ -555,7 +555,7 @@ def source_paths(source) -> list[Path]:
         return [p for item in source.slices for p in (item.image, item.mask) if p is not None]
     scan = source.scan if isinstance(source, NoduleScan) else source
     if isinstance(scan, LunaCase):  # the headers and the .raw/.zraw files they name
-        headers = (scan.ct_path, scan.mask_path)
+        headers = [path for path in (scan.ct_path, scan.mask_path) if path is not None]
         return [*headers, *filter(None, map(metaimage_data_file, headers))]
     return [*source.image_paths, *([source.label_path] if source.label_path else [])]
 
@@ -563,7 +563,9 @@ def source_paths(source) -> list[Path]:
 def has_label(source) -> bool:
     if isinstance(source, KaggleCase):
         return source.has_label
-    return isinstance(source, LunaCase | NoduleScan) or source.label_path is not None
+    if isinstance(source, LunaCase):
+        return source.mask_path is not None
+    return isinstance(source, NoduleScan) or source.label_path is not None
 
 
 def _build_kaggle(source: KaggleCase, plan: dict) -> tuple[dict, dict]:
@@ -588,14 +590,15 @@ def _build_luna(source: LunaCase, plan: dict) -> tuple[dict, dict]:
     ct, mask, geometry = read_luna_case(source)
     target = plan["spacing"]
     image = resample(window_ct(ct, *plan["hu_window"]), geometry.spacing, target, order=1)
-    lungs = lung_target(mask, plan["lung_labels"], source.mask_path)
-    label = resample(lungs, geometry.spacing, target, order=0)
     meta = {
         "spacing": list(resampled_geometry(geometry, ct.shape, target).spacing),
         "slice_names": [],
         "source": _volume_grid(geometry, ct.shape),
     }
-    return {"image": image[None], "label": label}, meta
+    if mask is None:
+        return {"image": image[None]}, meta
+    lungs = lung_target(mask, plan["lung_labels"], source.mask_path)
+    return {"image": image[None], "label": resample(lungs, geometry.spacing, target, order=0)}, meta
 
 
 def _build_nodule_scan(source: NoduleScan, plan: dict) -> tuple[dict, dict]:
@@ -723,7 +726,7 @@ def find_sources(name: str, data_dir: str | Path, require_labels: bool = True) -
             {1: "tumour"}, in_channels=3, display_channel=1, channel_names=("pre", "FLAIR", "post")
         )
     elif name == "luna":
-        sources = find_luna_cases(data_dir)
+        sources = find_luna_cases(data_dir, require_labels)
         info = DatasetInfo({1: "lung"}, in_channels=1, channel_names=("CT",))
     elif name == "luna_nodules":
         sources = find_nodule_scans(data_dir, require_labels)
@@ -746,7 +749,7 @@ def _image_label_pairs(sources: Sequence) -> list[tuple[Path, Path]]:
     for source in sources:
         if isinstance(source, NoduleScan):
             source = source.scan
-        if isinstance(source, LunaCase):
+        if isinstance(source, LunaCase) and source.mask_path is not None:
             pairs.append((source.ct_path, source.mask_path))
         elif isinstance(source, NiftiCase) and source.label_path is not None:
             pairs.extend((path, source.label_path) for path in source.image_paths)
@@ -875,7 +878,7 @@ def read_source(case: Case, plan: dict, info: DatasetInfo) -> SourceCase:
         return SourceCase(image, label, None, None, present, names)
     if isinstance(source, LunaCase):
         ct, mask, geometry = read_luna_case(source)
-        label = lung_target(mask, plan["lung_labels"], source.mask_path)
+        label = None if mask is None else lung_target(mask, plan["lung_labels"], source.mask_path)
         image = ct.astype(np.float32)
     elif isinstance(source, NoduleScan):
         ct, _, geometry = read_luna_case(source.scan)

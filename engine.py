@@ -917,8 +917,8 @@ def evaluate(
     source grid (the original slices or scan, every slice of it).
 
     Without data_dir: the run's own cases of `subsets` ("validation", "test", "train"). With data_dir:
-    every case in that folder, labelled or not (LUNA16 scans need their lung masks), preprocessed as the
-    run's plan says; unlabelled cases get
+    every case in that folder, labelled or not (LUNA16 CTs without a lung mask too; nodule detection
+    needs the masks, which crop the scans), preprocessed as the run's plan says; unlabelled cases get
     prediction overlays and GIFs but no metrics. Probabilities are mapped back onto the source grid before
     they become labels, so metrics compare with the original-resolution reference, with HD95 in mm for
     scans and in pixels of the original slices for kaggle_3m. The post-processing the run chose on its

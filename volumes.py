@@ -708,18 +708,21 @@ def zscore(image: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LunaCase:
-    """One LUNA16 series: its CT (.mhd + .raw, int16 HU) and its seg-lungs-LUNA16 mask (.mhd + .zraw)."""
+    """One LUNA16 series: its CT (.mhd + .raw, int16 HU) and its seg-lungs-LUNA16 mask (.mhd + .zraw;
+    None: a CT to predict, without a mask)."""
 
     case_id: str  # the series uid
     ct_path: Path
-    mask_path: Path
+    mask_path: Path | None
 
 
-def find_luna_cases(root: str | Path) -> list[LunaCase]:
+def find_luna_cases(root: str | Path, require_masks: bool = True) -> list[LunaCase]:
     """The LUNA16 series under root, sorted by uid: root/subset*/<uid>.mhd with their masks.
 
-    Every CT needs its mask (FileNotFoundError naming the CT); masks without a CT are ignored, since
-    the mask folder covers all 888 scans while a user may have downloaded only some subsets.
+    Every CT needs its mask (FileNotFoundError naming the CT) unless require_masks is False (CTs to
+    predict: those without a mask get mask_path None, and the mask folder may be absent); masks
+    without a CT are ignored, since the mask folder covers all 888 scans while a user may have
+    downloaded only some subsets.
     """
     root = Path(root)
     if not root.is_dir():
@@ -729,7 +732,7 @@ def find_luna_cases(root: str | Path) -> list[LunaCase]:
     if not scans:
         found = f"{mask_folder} but no CT scans" if mask_folder.is_dir() else "no CT scans and no masks"
         raise FileNotFoundError(f"{root} has {found}: {LUNA_LAYOUT}")
-    if not mask_folder.is_dir():
+    if require_masks and not mask_folder.is_dir():
         raise FileNotFoundError(f"{root} has CT scans but no mask folder {mask_folder}: {LUNA_LAYOUT}")
     cases: dict[str, LunaCase] = {}
     missing = []
@@ -740,24 +743,27 @@ def find_luna_cases(root: str | Path) -> list[LunaCase]:
         mask = mask_folder / scan.name
         if not mask.is_file():
             missing.append(f"{scan} (expected {mask})")
-        cases[uid] = LunaCase(uid, scan, mask)
-    if missing:
+        cases[uid] = LunaCase(uid, scan, mask if mask.is_file() else None)
+    if missing and require_masks:
         raise FileNotFoundError(f"{len(missing)} CT scan(s) have no lung mask: " + "; ".join(missing[:10]))
     return [cases[uid] for uid in sorted(cases)]
 
 
-def read_luna_case(case: LunaCase) -> tuple[np.ndarray, np.ndarray, Geometry]:
-    """(CT in HU as stored (int16), mask as stored (labels 0, 3, 4, 5), Geometry), both (D, H, W).
+def read_luna_case(case: LunaCase) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+    """(CT in HU as stored (int16), mask as stored (labels 0, 3, 4, 5) or None, Geometry), (D, H, W).
 
     The CT and the mask must share size, spacing, origin and direction (ValueError naming both); a CT
     with NaN or infinite voxels is a ValueError naming it.
     """
     ct, ct_geometry = read_volume(case.ct_path)
     check_finite(ct, case.ct_path)
+    if ct.ndim != 3:
+        raise ValueError(f"{case.ct_path}: expected a 3D volume, got shape {ct.shape}")
+    if case.mask_path is None:
+        return ct, None, ct_geometry
     mask, mask_geometry = read_volume(case.mask_path)
-    for path, array in ((case.ct_path, ct), (case.mask_path, mask)):
-        if array.ndim != 3:
-            raise ValueError(f"{path}: expected a 3D volume, got shape {array.shape}")
+    if mask.ndim != 3:
+        raise ValueError(f"{case.mask_path}: expected a 3D volume, got shape {mask.shape}")
     check_same_geometry(
         ct_geometry, mask_geometry, ct.shape, mask.shape, str(case.ct_path), str(case.mask_path)
     )

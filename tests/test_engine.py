@@ -115,6 +115,16 @@ def test_a_2d_unet_trains_on_lung_ct_slices_and_writes_mhd_predictions(tmp_path,
     ct, ct_geometry = read_volume(luna / "subset0" / f"{row['case']}.mhd")
     assert predicted.shape == ct.shape
     assert geometry == ct_geometry
+    ct_only = tmp_path / "ct_only" / "subset0"  # new CTs, no lung masks: predicted, not scored
+    ct_only.mkdir(parents=True)
+    for file in (luna / "subset0").glob(f"{row['case']}.*"):
+        (ct_only / file.name).symlink_to(file)
+    unlabelled = evaluate(config.run_dir, data_dir=str(ct_only.parent))["output_dir"]
+    assert not (unlabelled / "dsc.csv").exists()
+    again, again_geometry = read_volume(unlabelled / "labels" / f"{row['case']}.mhd")
+    np.testing.assert_array_equal(again, predicted)
+    assert again_geometry == geometry
+    assert list((unlabelled / "predictions").glob(f"{row['case']}*.gif"))
 
 
 def write_scan(path: Path, array: np.ndarray, geometry: Geometry) -> None:

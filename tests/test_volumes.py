@@ -4,6 +4,7 @@ import gzip
 import json
 import math
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -540,6 +541,19 @@ def test_a_ct_without_its_mask_is_an_error_naming_the_ct(tmp_path):
     (tmp_path / "seg-lungs-LUNA16" / "1.2.3.mhd").unlink()
     with pytest.raises(FileNotFoundError, match=r"no lung mask: .*subset0/1\.2\.3\.mhd"):
         find_luna_cases(tmp_path)
+
+
+def test_cts_to_predict_need_no_mask_and_are_read_without_one(tmp_path):
+    write_luna(tmp_path, "1.2.3")
+    write_luna(tmp_path, "1.2.4")
+    (tmp_path / "seg-lungs-LUNA16" / "1.2.4.mhd").unlink()
+    with_mask, without = find_luna_cases(tmp_path, require_masks=False)
+    assert with_mask.mask_path == tmp_path / "seg-lungs-LUNA16" / "1.2.3.mhd" and without.mask_path is None
+    ct, mask, geometry = read_luna_case(without)
+    assert mask is None and ct.shape == (4, 5, 6)
+    assert_same_geometry(geometry, ANISOTROPIC)
+    shutil.rmtree(tmp_path / "seg-lungs-LUNA16")
+    assert [case.mask_path for case in find_luna_cases(tmp_path, require_masks=False)] == [None, None]
 
 
 def test_a_folder_without_luna_files_explains_the_layout(tmp_path):
