@@ -43,8 +43,9 @@ __all__ = [
 def check_logits_and_target(logits: torch.Tensor, target: torch.Tensor) -> None:
     """Raise ValueError unless logits are (N, K, *spatial) and target is (N, 1, *spatial).
 
-    For multi-class logits on the CPU the target values must also lie in 0..K-1; on an accelerator that
-    check would stop the device at every step (training data is checked once, when it is read).
+    On the CPU the target values must also lie in 0..K-1 for multi-class logits and in [0, 1] for one
+    channel; on an accelerator that check would stop the device at every step (training data is
+    checked once, when it is read).
     """
     if logits.ndim < 3:
         raise ValueError(
@@ -58,13 +59,16 @@ def check_logits_and_target(logits: torch.Tensor, target: torch.Tensor) -> None:
             f"{tuple(logits.shape)}, got {tuple(target.shape)}"
         )
     num_classes = logits.shape[1]
-    if num_classes > 1 and target.numel() > 0 and target.device.type == "cpu":
-        low, high = int(target.min()), int(target.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"target: expected class indices in 0..{num_classes - 1} for {num_classes} "
-                f"logit channels, got values in {low}..{high}"
-            )
+    if target.numel() == 0 or target.device.type != "cpu":
+        return
+    low, high = float(target.min()), float(target.max())
+    if num_classes == 1 and (low < 0 or high > 1):
+        raise ValueError(f"target: expected values in [0, 1] for one logit channel, got {low:g}..{high:g}")
+    if num_classes > 1 and (low < 0 or high >= num_classes):
+        raise ValueError(
+            f"target: expected class indices in 0..{num_classes - 1} for {num_classes} "
+            f"logit channels, got values in {int(low)}..{int(high)}"
+        )
 
 
 def _probabilities_and_onehot(
@@ -102,6 +106,13 @@ def _check_non_negative(owner: str, **values: float) -> None:
     for name, value in values.items():
         if value < 0:
             raise ValueError(f"{owner}: {name} must be >= 0, got {value}")
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, and 1 where the denominator is 0 (smooth=0, nothing predicted where
+    there is nothing: a perfect match, as the DSC metric scores it), with finite gradients."""
+    empty = denominator == 0
+    return torch.where(empty, torch.ones_like(numerator), numerator / torch.where(empty, 1.0, denominator))
 
 
 class _OverlapLoss(nn.Module):
@@ -145,7 +156,7 @@ class DiceLoss(_OverlapLoss):
     def overlap(
         self, true_pos: torch.Tensor, false_pos: torch.Tensor, false_neg: torch.Tensor
     ) -> torch.Tensor:
-        return (2.0 * true_pos + self.smooth) / (2.0 * true_pos + false_pos + false_neg + self.smooth)
+        return _ratio(2.0 * true_pos + self.smooth, 2.0 * true_pos + false_pos + false_neg + self.smooth)
 
 
 class TverskyLoss(_OverlapLoss):
@@ -173,8 +184,8 @@ class TverskyLoss(_OverlapLoss):
     def overlap(
         self, true_pos: torch.Tensor, false_pos: torch.Tensor, false_neg: torch.Tensor
     ) -> torch.Tensor:
-        return (true_pos + self.smooth) / (
-            true_pos + self.alpha * false_pos + self.beta * false_neg + self.smooth
+        return _ratio(
+            true_pos + self.smooth, true_pos + self.alpha * false_pos + self.beta * false_neg + self.smooth
         )
 
 

@@ -843,6 +843,11 @@ def _class_names(labels: object, path: Path) -> dict[int, str]:
     foreground = {index: name for index, name in sorted(names.items()) if index != 0}
     if not foreground:
         raise ValueError(f"{path}: 'labels' names no foreground class, only the background 0")
+    if list(foreground) != list(range(1, len(foreground) + 1)):  # the network's output channels
+        raise ValueError(
+            f"{path}: 'labels' must number the foreground classes 1, 2, ... without gaps (as nnU-Net "
+            f"requires), got {sorted(foreground)}; renumber the label maps"
+        )
     repeated = sorted({name for name in foreground.values() if list(foreground.values()).count(name) > 1})
     if repeated or any(name.strip() in ("", "mean") for name in foreground.values()):
         raise ValueError(  # each name heads its own dsc_<name> column, beside dsc_mean

@@ -228,6 +228,17 @@ def test_dice_batch_option_pools_or_averages_samples_as_computed_by_hand():
     assert per_sample.item() == pytest.approx(0.25, abs=1e-6)
 
 
+@pytest.mark.parametrize("loss", [DiceLoss(smooth=0.0, batch=False), TverskyLoss(smooth=0.0, batch=False)])
+def test_without_smoothing_nothing_predicted_where_there_is_nothing_is_a_perfect_match(loss):
+    logits = torch.full((2, 1, 4, 4), -1e4, requires_grad=True)  # the sigmoid is exactly 0
+    target = torch.zeros(2, 1, 4, 4)
+    target[1, 0, 0, 0] = 1  # sample 1 misses its one voxel: overlap 0
+    value = loss(logits, target)
+    assert value.item() == pytest.approx(0.5)
+    value.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 @pytest.mark.parametrize(("num_classes", "spatial"), CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("batch", [True, False])
 def test_tversky_with_half_alpha_and_beta_equals_dice(num_classes, spatial, batch):
@@ -365,6 +376,13 @@ def test_class_index_outside_the_logit_channels_is_rejected():
     logits = torch.zeros(1, 3, 2, 2)
     with pytest.raises(ValueError, match=r"0\.\.2"):
         DiceLoss()(logits, torch.full((1, 1, 2, 2), 3))
+
+
+@pytest.mark.parametrize("name", DISTINCT_LOSS_NAMES)
+def test_a_binary_target_outside_0_and_1_is_rejected(name):
+    """A lone class stored as 2 would train a sigmoid towards 2: a negative Dice and BCE, no error."""
+    with pytest.raises(ValueError, match=r"values in \[0, 1\] for one logit channel, got 0\.\.2"):
+        build_loss(name)(torch.zeros(1, 1, 2, 2), torch.tensor([0.0, 2.0, 0.0, 0.0]).view(1, 1, 2, 2))
 
 
 def test_registry_maps_bce_and_ce_to_the_same_loss():

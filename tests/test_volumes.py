@@ -717,6 +717,8 @@ def test_malformed_dataset_json_is_an_error_naming_it(tmp_path):
         ({"0": "background", "1": "lesion", "2": "lesion"}, "its own name"),
         ({"0": "background", "1": "mean"}, "its own name"),
         ({"background": 0, "liver": 1, " ": 2}, "its own name"),
+        ({"0": "background", "2": "tumour"}, r"1, 2, \.\.\. without gaps .*got \[2\]"),
+        ({"0": "background", "1": "liver", "3": "tumour"}, r"without gaps .*got \[1, 3\]"),
     ],
 )
 def test_dataset_json_labels_that_would_share_a_metrics_column_are_refused(tmp_path, labels, message):
