@@ -109,19 +109,30 @@ def write_entry(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> dict
             sizes[name] = (building / f"{name}.npy").stat().st_size
         meta = {**meta, "version": CACHE_VERSION, "arrays": sizes}
         (building / META).write_text(json.dumps(meta))
-        if open_entry(folder) is None and folder.exists():
-            _discard(folder)  # damaged: replaced by the new build
-        try:
-            os.rename(building, folder)
-        except OSError:
-            winner = open_entry(folder)
-            if winner is None:
-                raise
+        if _placed(building, folder):
+            return meta
+        winner = open_entry(folder)  # another process's entry, renamed in first: it stands
+        if winner is not None:
             return winner
-        return meta
+        _discard(folder)  # damaged (or of another version): replaced by this build
+        if _placed(building, folder):
+            return meta
+        winner = open_entry(folder)
+        if winner is None:
+            raise OSError(f"could not store the cache entry {folder}: a damaged entry is in the way")
+        return winner
     finally:
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)
+
+
+def _placed(building: Path, folder: Path) -> bool:
+    """Rename a finished build onto its entry folder; False when a folder is already there."""
+    try:
+        os.rename(building, folder)
+    except OSError:
+        return False
+    return True
 
 
 def _discard(folder: Path) -> None:

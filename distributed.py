@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,9 @@ import torch.distributed as dist
 from utils import select_device
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a rank that waits longer for the others gives up
+# ...except while rank 0 prepares the data alone (a first run on LUNA16 or LiTS reads every scan): a crash
+# there still ends the job at once, since torchrun stops every rank when one fails.
+PREPARATION_TIMEOUT = datetime.timedelta(days=2)
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class Context:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    preparation_group: Any = None  # a gloo group with PREPARATION_TIMEOUT, for waiting on rank 0
 
     @property
     def is_main(self) -> bool:
@@ -56,13 +61,31 @@ def setup(device: str = "auto") -> Context:
     if not dist.is_initialized():
         backend = "nccl" if chosen.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=TIMEOUT, device_id=chosen if chosen.type == "cuda" else None)
-    return Context(rank, world_size, chosen)
+    preparation_group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
+    return Context(rank, world_size, chosen, preparation_group)
 
 
 def barrier(context: Context) -> None:
     """Wait until every rank gets here."""
     if context.distributed:
         dist.barrier()
+
+
+def from_main(context: Context, prepare: Callable[[], Any]) -> Any:
+    """prepare() run on rank 0 alone, its result on every rank: the others wait for it as long as it
+    takes (PREPARATION_TIMEOUT, not TIMEOUT), however long rank 0 reads the data."""
+    if not context.distributed:
+        return prepare()
+    holder = [prepare() if context.is_main else None]
+    dist.broadcast_object_list(holder, src=0, group=context.preparation_group)
+    return holder[0]
+
+
+def wait_for_main(context: Context) -> None:
+    """Wait until rank 0 gets here too, as long as it takes (PREPARATION_TIMEOUT): the barrier after
+    rank 0 has prepared the data alone."""
+    if context.distributed:
+        dist.barrier(group=context.preparation_group)
 
 
 def gather(context: Context, value: Any) -> list[Any]:

@@ -599,10 +599,10 @@ def _train(config: TrainConfig, context: distributed.Context) -> dict:
     if state:
         plan = state["plan"]
     else:
-        plan = distributed.broadcast(context, _plan(config, train_sources, info) if context.is_main else None)
+        plan = distributed.from_main(context, lambda: _plan(config, train_sources, info))
     if context.is_main:
         cases = prepare_cases(sources, plan, info, config.cache_dir, config.preprocess_workers)
-    distributed.barrier(context)
+    distributed.wait_for_main(context)
     if not context.is_main:
         cases = prepare_cases(sources, plan, info, config.cache_dir, 1)  # rank 0 has filled the cache
     by_case = {case.case_id: case for case in cases}

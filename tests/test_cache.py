@@ -1,6 +1,7 @@
 """The cache of preprocessed cases: read lazily, written atomically, never trusted when damaged or old."""
 
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -83,6 +84,41 @@ def test_two_processes_building_the_same_entry_at_once_leave_one_valid_entry(dec
     reference = load(decathlon, tmp_path / "fresh")
     for case, again in zip(reference, load(decathlon, tmp_path), strict=True):
         np.testing.assert_array_equal(case.image, again.image)
+
+
+def test_an_entry_another_process_stores_while_this_one_looks_is_kept(tmp_path, monkeypatch):
+    """Process B's entry lands right after A's first look at the folder (whatever A looks with): A must
+    return B's entry and leave its files alone (readers may have them mapped), not replace it."""
+    folder = tmp_path / "msd" / "case-abc"
+    real_open, real_rename, landed = cache.open_entry, os.rename, {}
+
+    def land_b_once() -> None:
+        if not landed:
+            landed["now"] = True
+            with monkeypatch.context() as plain:
+                plain.setattr(cache, "open_entry", real_open)
+                plain.setattr(os, "rename", real_rename)
+                cache.write_entry(folder, {"image": np.full(4, 1, np.uint8)}, {"writer": "B"})
+            landed["inode"] = (folder / "image.npy").stat().st_ino
+
+    def looking(path: Path) -> dict | None:
+        seen = real_open(path)
+        if path == folder:
+            land_b_once()
+        return seen
+
+    def renaming(source, target) -> None:
+        if Path(target) == folder:
+            land_b_once()
+        real_rename(source, target)
+
+    monkeypatch.setattr(cache, "open_entry", looking)
+    monkeypatch.setattr(os, "rename", renaming)
+    meta = cache.write_entry(folder, {"image": np.full(4, 2, np.uint8)}, {"writer": "A"})
+    monkeypatch.undo()
+    assert meta["writer"] == "B" and cache.open_entry(folder)["writer"] == "B"
+    assert (folder / "image.npy").stat().st_ino == landed["inode"]
+    assert [p.name for p in folder.parent.iterdir()] == ["case-abc"]  # A's build removed
 
 
 def test_a_truncated_entry_is_rebuilt_not_loaded(decathlon, tmp_path):

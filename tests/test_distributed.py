@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -191,3 +192,58 @@ def test_killing_one_rank_ends_the_run_with_a_message_and_keeps_the_last_checkpo
     state = read_checkpoint(checkpoint)
     assert 1 <= len(state["history"]) < 500
     load_run(tmp_path / "runs" / "killed", torch.device("cpu"))
+
+
+# Two ranks with the collective timeout shrunk to 2 s; rank 0 takes 4 s to make the plan and 4 s more to
+# prepare the cases. WAIT names the two waits: the preparation group's, or the ordinary collectives'.
+SLOW_MAIN = """
+import datetime, json, sys, time
+sys.path.insert(0, {repo!r})
+import distributed
+distributed.TIMEOUT = datetime.timedelta(seconds=2)
+context = distributed.setup("cpu")
+
+def make_plan():
+    time.sleep(4)
+    return {{"spacing": [1.0, 1.0, 1.0]}}
+
+if {preparation_wait}:
+    plan = distributed.from_main(context, make_plan)
+else:
+    plan = distributed.broadcast(context, make_plan() if context.is_main else None)
+if context.is_main:
+    time.sleep(4)
+distributed.wait_for_main(context) if {preparation_wait} else distributed.barrier(context)
+print(json.dumps(plan))
+distributed.teardown(context)
+"""
+
+
+def run_two_ranks(preparation_wait: bool) -> list[subprocess.CompletedProcess]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    driver = SLOW_MAIN.format(repo=str(REPO), preparation_wait=preparation_wait)
+    ranks = []
+    for rank in range(2):
+        environment = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        environment |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-c", driver]
+        ranks.append(
+            subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    return [
+        subprocess.CompletedProcess(rank.args, rank.returncode, out.decode(), err.decode())
+        for rank, (out, err) in zip(ranks, outputs, strict=True)
+    ]
+
+
+def test_the_other_ranks_wait_for_rank_0_to_prepare_the_data_however_long_it_takes():
+    """Rank 0 makes the plan and fills the cache alone (hours on LUNA16 with an empty cache); the others
+    waited in ordinary collectives, which give up after TIMEOUT, and the run died."""
+    for rank in run_two_ranks(preparation_wait=True):
+        assert rank.returncode == 0, rank.stderr[-2000:]
+        assert json.loads(rank.stdout.splitlines()[-1]) == {"spacing": [1.0, 1.0, 1.0]}
+    ordinary = run_two_ranks(preparation_wait=False)  # the same waits in the ordinary collectives fail
+    assert any(rank.returncode != 0 for rank in ordinary)
