@@ -65,27 +65,22 @@ def setup(device: str = "auto") -> Context:
     return Context(rank, world_size, chosen, preparation_group)
 
 
-def barrier(context: Context) -> None:
-    """Wait until every rank gets here."""
+def barrier(context: Context, group: Any = None) -> None:
+    """Wait until every rank gets here (on `group`'s timeout; None: the default group's, TIMEOUT)."""
     if context.distributed:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def from_main(context: Context, prepare: Callable[[], Any]) -> Any:
     """prepare() run on rank 0 alone, its result on every rank: the others wait for it as long as it
     takes (PREPARATION_TIMEOUT, not TIMEOUT), however long rank 0 reads the data."""
-    if not context.distributed:
-        return prepare()
-    holder = [prepare() if context.is_main else None]
-    dist.broadcast_object_list(holder, src=0, group=context.preparation_group)
-    return holder[0]
+    return broadcast(context, prepare() if context.is_main else None, context.preparation_group)
 
 
 def wait_for_main(context: Context) -> None:
     """Wait until rank 0 gets here too, as long as it takes (PREPARATION_TIMEOUT): the barrier after
     rank 0 has prepared the data alone."""
-    if context.distributed:
-        dist.barrier(group=context.preparation_group)
+    barrier(context, context.preparation_group)
 
 
 def gather(context: Context, value: Any) -> list[Any]:
@@ -97,12 +92,12 @@ def gather(context: Context, value: Any) -> list[Any]:
     return values
 
 
-def broadcast(context: Context, value: Any) -> Any:
-    """Rank 0's `value` on every rank."""
+def broadcast(context: Context, value: Any, group: Any = None) -> Any:
+    """Rank 0's `value` on every rank (on `group`'s timeout; None: the default group's, TIMEOUT)."""
     if not context.distributed:
         return value
     holder = [value if context.is_main else None]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0, group=group)
     return holder[0]
 
 

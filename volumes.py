@@ -848,8 +848,8 @@ def _class_names(labels: object, path: Path) -> dict[int, str]:
             f"{path}: 'labels' must number the foreground classes 1, 2, ... without gaps (as nnU-Net "
             f"requires), got {sorted(foreground)}; renumber the label maps"
         )
-    repeated = sorted({name for name in foreground.values() if list(foreground.values()).count(name) > 1})
-    if repeated or any(name.strip() in ("", "mean") for name in foreground.values()):
+    names = list(foreground.values())
+    if len(set(names)) < len(names) or any(name.strip() in ("", "mean") for name in names):
         raise ValueError(  # each name heads its own dsc_<name> column, beside dsc_mean
             f"{path}: 'labels' must give each foreground class its own name, not empty nor 'mean'; "
             f"got {foreground}"
