@@ -75,6 +75,8 @@ class TrainConfig:
     aug_flip_axes: list = dataclasses.field(default_factory=lambda: [-1])  # input axes mirrored (-1: width)
     aug_intensity: float = 0.0  # random per-channel gain and shift (0: off)
     aug_affine_prob: float = 1.0  # share of samples scaled and rotated (nnU-Net: 0.2 each); the rest exact
+    aug_patch_context: bool = True  # 3D: rotate a patch with the volume around it (nnU-Net); False fills
+    # its corners with zeros, as runs before 2026-12-04 did
     num_workers: int = 0
     amp: bool | str = "auto"  # mixed precision: auto (bfloat16 on GPUs that have it, float16 on others,
     # off on CPU), True (also bfloat16 on CPU), False, "bfloat16" or "float16"

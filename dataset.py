@@ -1112,7 +1112,9 @@ class PatchDataset(Dataset):
     way the patch is shifted so that, on every axis, it lies inside the volume or the volume inside it. So no
     patch is mostly padding, and a volume smaller than the patch is always seen whole (zero-padded, at a
     random offset; a warning says so once). `length` is the number of patches per
-    epoch. Only the patch is read from the cache.
+    epoch. Only the patch is read from the cache, with the box around it that the transform needs to
+    rotate it (`transform.input_size()`, e.g. `build_transform(patch_size=...)`; nnU-Net reads such an
+    enlarged patch too).
     """
 
     def __init__(
@@ -1132,6 +1134,8 @@ class PatchDataset(Dataset):
         self.foreground_jitter = foreground_jitter
         self.transform = transform
         self.seed = seed
+        read_size = transform.input_size() if hasattr(transform, "input_size") else None
+        self.read_size = self.patch_size if read_size is None else tuple(read_size)
         small = [c.case_id for c in self.cases if np.any(np.array(c.shape) < self.patch_size)]
         if small:
             warnings.warn(
@@ -1162,11 +1166,13 @@ class PatchDataset(Dataset):
     def __getitem__(self, sample: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = sample_rng(self.seed, sample)
         case = self.cases[int(rng.integers(len(self.cases)))]
-        start = self._start(case, rng)
-        image = extract_patch(case.image, start, self.patch_size)
-        label = extract_patch(case.label, start, self.patch_size)
+        start = self._start(case, rng) - (np.array(self.read_size) - self.patch_size) // 2
+        image = extract_patch(case.image, start, self.read_size)
+        label = extract_patch(case.label, start, self.read_size)
         if self.transform is not None:
             image, label = self.transform(image, label, rng)
+        if label.shape != self.patch_size:
+            raise ValueError(f"the transform returned {label.shape} patches, not {self.patch_size}")
         return _as_tensors(image, label)
 
 

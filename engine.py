@@ -398,6 +398,7 @@ def training_data(
         config.aug_affine_prob,
         augmentation_spacing(plan or {}, spatial_dims, config.slice_axis),
         context_copies=2 * config.context_slices + 1 if spatial_dims == 2 else 1,
+        patch_size=shapes["patch_size"] if spatial_dims == 3 and config.aug_patch_context else None,
     )
     if spatial_dims == 2:
         weights = slice_sampling_weights(cases, config.slice_axis, config.edge_slices)

@@ -4,8 +4,11 @@ The reference's augmentation (random scale ±5%, rotation ±15°, horizontal fli
 affine resampling, so image and label move together: the image is interpolated linearly, the label map by
 nearest neighbour, so it keeps its class values. Rotations and scaling act in millimetres, not voxels, when
 the voxel spacing is given: on anisotropic voxels (e.g. 0.7 × 0.7 × 2.5 mm) a voxel-space rotation would
-shear the anatomy. Every transform draws its random numbers from the generator it is given (one per
-training sample, `dataset.sample_rng`), so augmentation is exactly reproducible.
+shear the anatomy. A 3D training patch is rotated with the volume around it, as nnU-Net does: the dataset
+reads the larger box `RandomAffine.input_size()` and the transform returns its centre, so the patch's corners
+hold anatomy, not zeros the network never sees at test time. Every transform draws its random numbers from
+the generator it is given (one per training sample, `dataset.sample_rng`), so augmentation is exactly
+reproducible.
 """
 
 from __future__ import annotations
@@ -35,6 +38,27 @@ def _rotation(rng: np.random.Generator, spatial_dims: int, max_degrees: float) -
     return matrix
 
 
+def _rotation_bound(spatial_dims: int, max_degrees: float) -> np.ndarray:
+    """An upper bound on the magnitude of each entry of every matrix `_rotation` can draw."""
+    sine = 1.0 if max_degrees >= 90 else math.sin(math.radians(max_degrees))
+    if spatial_dims == 2:
+        return np.array([[1.0, sine], [sine, 1.0]])
+    bound = np.eye(3)
+    for axes in ((1, 2), (0, 2), (0, 1)):
+        plane = np.eye(3)
+        plane[np.ix_(axes, axes)] = [[1.0, sine], [sine, 1.0]]
+        bound = plane @ bound  # |A B| <= |A| |B| entry by entry
+    return np.minimum(bound, 1.0)
+
+
+def _centre(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """The centred box of `size` in the trailing axes of `array`."""
+    lead = array.ndim - len(size)
+    box = [slice(None)] * lead
+    box += [slice((n - k) // 2, (n - k) // 2 + k) for n, k in zip(array.shape[lead:], size, strict=True)]
+    return array[tuple(box)]
+
+
 class RandomAffine:
     """Random scale, rotation and flips about the centre, for (C, *spatial) images and (*spatial) labels.
 
@@ -43,7 +67,9 @@ class RandomAffine:
     affine_prob: probability of the scale and rotation. Below 1, as in nnU-Net, the other samples keep
     their voxels exactly (flips only): no interpolation blur the test images never have, and no
     resampling cost. spacing: the voxel size per spatial axis (mm), so that rotations are rigid in
-    physical space; None treats voxels as isotropic.
+    physical space; None treats voxels as isotropic. output_size: return this centred box of a larger input
+    (read `input_size()` voxels), so that every voxel of a rotated or scaled output comes from the input;
+    None returns the input's size, zero where the rotation leaves it.
     """
 
     def __init__(
@@ -54,23 +80,48 @@ class RandomAffine:
         flip_axes: Sequence[int] = (-1,),
         affine_prob: float = 1.0,
         spacing: Sequence[float] | None = None,
+        output_size: Sequence[int] | None = None,
     ):
+        if not 0 <= scale < 1:
+            raise ValueError(f"scale must be in [0, 1), got {scale}")
         self.scale = scale
         self.degrees = degrees
         self.flip_prob = flip_prob
         self.flip_axes = tuple(flip_axes)
         self.affine_prob = affine_prob
         self.spacing = None if spacing is None else np.asarray(spacing, np.float64)
+        self.output_size = None if output_size is None else tuple(int(n) for n in output_size)
+
+    def input_size(self) -> tuple[int, ...] | None:
+        """The box to read around `output_size` so that no scale and rotation this draws leaves it; None
+        without an output_size (any input, returned at its size)."""
+        if self.output_size is None:
+            return None
+        output = np.array(self.output_size)
+        if not (self.scale or self.degrees) or self.affine_prob <= 0:
+            return self.output_size
+        spacing = np.ones(len(output)) if self.spacing is None else self.spacing
+        stretch = spacing[None, :] / spacing[:, None] / (1 - self.scale)
+        reach = _rotation_bound(len(output), self.degrees) * stretch
+        half = (output - 1) / 2
+        needed = reach @ half + 1  # linear interpolation reads the next voxel too
+        margin = np.maximum(0, np.ceil(needed - half)).astype(int)
+        return tuple(int(n) for n in output + 2 * margin)
 
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
         spatial_dims = label.ndim
+        output = self.output_size or label.shape
+        surplus = np.array(label.shape) - output
+        if len(output) != spatial_dims or np.any(surplus < 0) or np.any(surplus % 2):
+            raise ValueError(f"a {label.shape} input has no centred {output} box (read input_size())")
         for axis in self.flip_axes:
             if rng.random() < self.flip_prob:
                 image = np.flip(image, axis=axis if axis < 0 else axis + 1)
                 label = np.flip(label, axis=axis)
         if not (self.scale or self.degrees) or rng.random() >= self.affine_prob:
+            image, label = _centre(image, output), _centre(label, output)
             return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
         factor = rng.uniform(1 - self.scale, 1 + self.scale)
         matrix = _rotation(rng, spatial_dims, self.degrees) / factor
@@ -78,12 +129,14 @@ class RandomAffine:
             if len(self.spacing) != spatial_dims:
                 raise ValueError(f"spacing {tuple(self.spacing)} has not one entry per axis of {label.shape}")
             matrix = np.diag(1 / self.spacing) @ matrix @ np.diag(self.spacing)
-        centre = (np.array(label.shape) - 1) / 2
-        offset = centre - matrix @ centre
+        offset = (np.array(label.shape) - 1) / 2 - matrix @ ((np.array(output) - 1) / 2)
         warped_image = np.stack(
-            [affine_transform(channel, matrix, offset, order=1, mode="constant") for channel in image]
+            [
+                affine_transform(channel, matrix, offset, output_shape=output, order=1, mode="constant")
+                for channel in image
+            ]
         )
-        warped_label = affine_transform(label, matrix, offset, order=0, mode="constant")
+        warped_label = affine_transform(label, matrix, offset, output_shape=output, order=0, mode="constant")
         return warped_image.astype(np.float32), warped_label
 
 
@@ -122,6 +175,11 @@ class Compose:
     def __init__(self, transforms: Sequence):
         self.transforms = list(transforms)
 
+    def input_size(self) -> tuple[int, ...] | None:
+        """The box the first transform reads to return its output size, None if it takes any size."""
+        first = self.transforms[0] if self.transforms else None
+        return first.input_size() if isinstance(first, RandomAffine) else None
+
     def __call__(
         self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -139,13 +197,16 @@ def build_transform(
     affine_prob: float = 1.0,
     spacing: Sequence[float] | None = None,
     context_copies: int = 1,
+    patch_size: Sequence[int] | None = None,
 ) -> Compose | None:
     """The training augmentation from its settings; None when every setting is off.
 
-    context_copies: slices per sample that share their channels' intensity jitter (2.5D input)."""
+    context_copies: slices per sample that share their channels' intensity jitter (2.5D input).
+    patch_size: the training patch, rotated and scaled with the volume around it (`Compose.input_size`)."""
     transforms = []
     if scale or degrees or flip_prob:
-        transforms.append(RandomAffine(scale, degrees, flip_prob, flip_axes, affine_prob, spacing))
+        affine = RandomAffine(scale, degrees, flip_prob, flip_axes, affine_prob, spacing, patch_size)
+        transforms.append(affine)
     if intensity:
         transforms.append(IntensityJitter(gain=intensity, shift=intensity, context_copies=context_copies))
     return Compose(transforms) if transforms else None

@@ -44,6 +44,7 @@ SETTINGS = {
     "lr_schedule": "poly",
     "aug_flip_axes": [-1],
     "aug_affine_prob": 0.3,
+    "aug_patch_context": False,  # as report.md's runs were trained: rotated patches with zero corners
     "num_workers": 1,
     "validation_cases": 8,
     "test_cases": 12,

@@ -62,7 +62,10 @@ NNUNET = {"Anterior": 0.90, "Posterior": 0.89}  # Isensee et al. 2021, as quoted
 UNET2D = {"model": "unet", "init_features": 16, "batch_size": 32}
 # One loader worker keeps the 3D augmentation off the training step's critical path. Flips stay
 # left-right (the default): anterior and posterior hippocampus differ by position along the other axes.
+# The rows before 2026-12-04 rotated a patch without the volume around it (zero corners); they keep that.
+LEGACY_3D = {"aug_patch_context": False}
 RES_UNET3D = {
+    **LEGACY_3D,
     "model": "res_unet3d",
     "init_features": 16,
     "batch_size": 4,
@@ -81,6 +84,8 @@ FULL_RESOLUTION = {**LIGHT_AFFINE, "model_options": {"depth": 3, "full_resolutio
 SMALL_PATCHES = {**FULL_RESOLUTION, "patch_size": "foreground"}
 # Half the patches scaled 0.75 to 1.25 in intensity (nnU-Net's brightness range) and shifted.
 INTENSITY = {**SMALL_PATCHES, "aug_intensity": 0.25}
+# Rotated and scaled patches filled with the volume around them, as nnU-Net does, not with zeros.
+CONTEXT = {**INTENSITY, "aug_patch_context": True}
 TUNED = {"channels_last": True, "lr_schedule": "poly"}  # the speed option that won, and nnU-Net's schedule
 
 
@@ -113,8 +118,20 @@ SUITES = {
             "unet2d_poly": {**UNET2D, "lr_schedule": "poly"},
             "attention_unet2d": {**UNET2D, "model": "attention_unet"},
             "unet_pp2d_ds": {**UNET2D, "model": "unet_pp", "model_options": {"deep_supervision": True}},
-            "unet3d": {"model": "unet3d", "init_features": 16, "batch_size": 4, "patches_per_epoch": 100},
-            "vnet": {"model": "vnet", "init_features": 8, "batch_size": 4, "patches_per_epoch": 100},
+            "unet3d": {
+                **LEGACY_3D,
+                "model": "unet3d",
+                "init_features": 16,
+                "batch_size": 4,
+                "patches_per_epoch": 100,
+            },
+            "vnet": {
+                **LEGACY_3D,
+                "model": "vnet",
+                "init_features": 8,
+                "batch_size": 4,
+                "patches_per_epoch": 100,
+            },
             "res_unet3d": RES_UNET3D,
             "res_unet3d_tta": {**RES_UNET3D, "mirror_tta": True},
             "res_unet3d_shallow_tta": {**RES_UNET3D_SHALLOW, "mirror_tta": True},
@@ -140,6 +157,7 @@ SUITES = {
             "res_unet3d_fullres8_affine30_pfg_intensity25": INTENSITY,
             # Two networks on half the budget each, probabilities averaged: one plateaus within 20 minutes.
             "res_unet3d_fullres8_affine30_pfg_intensity25_ensemble2": {**INTENSITY, "ensemble": 2},
+            "res_unet3d_fullres8_affine30_pfg_intensity25_context": CONTEXT,
             "res_unet3d_fullres16_affine30_pfg": {
                 **SMALL_PATCHES,
                 "model_options": {"depth": 3, "full_resolution": 16},
@@ -495,16 +513,24 @@ def protocol_summary(records: list[dict], peers: list[dict], budget: float) -> d
     return summary
 
 
-def protocol(suite_name: str = "hippocampus", budget: float = 20) -> dict:
-    """Apply the protocol to the results files and write them back with the chosen record marked, the
-    table, and results/protocol.json (the headline report.md quotes)."""
+def protocol_file(results: Path) -> Path:
+    """Where the protocol's outcome for a results file goes: results/protocol.json for the suite's own
+    file (the headline report.md quotes), <name>_protocol.json beside any other (another machine's)."""
+    suite_files = {suite.results for suite in SUITES.values()}
+    return PROTOCOL if results in suite_files else results.with_name(f"{results.stem}_protocol.json")
+
+
+def protocol(suite_name: str = "hippocampus", budget: float = 20, results: Path | None = None) -> dict:
+    """Apply the protocol to a results file (default: the suite's) and write it back with the chosen
+    record marked, its table, and the outcome (protocol_file)."""
     suite = SUITES[suite_name]
-    records = json.loads(suite.results.read_text())
+    results = results or suite.results
+    records = json.loads(results.read_text())
     peers = json.loads(PEER_MONAI.read_text()) if PEER_MONAI.exists() else []
     summary = {"suite": suite_name, **protocol_summary(records, peers, budget)}
-    suite.results.write_text(json.dumps(records, indent=1) + "\n")
-    suite.results.with_suffix(".md").write_text(markdown(suite, records) + "\n")
-    PROTOCOL.write_text(json.dumps(summary, indent=1) + "\n")
+    results.write_text(json.dumps(records, indent=1) + "\n")
+    results.with_suffix(".md").write_text(markdown(suite, records) + "\n")
+    protocol_file(results).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -547,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             records = json.loads((args.results or SUITES[args.suite].results).read_text())
             print(choose(records, budget).removesuffix("_tuned"))
         else:
-            print(protocol(args.suite, budget)["headline"])
+            print(protocol(args.suite, budget, args.results)["headline"])
         return 0
     args.budget = 5.0 if args.budget is None else args.budget
     if (args.quick or args.cases) and args.results is None and not args.one:

@@ -81,6 +81,12 @@ def test_the_runner_chooses_by_validation_even_when_another_configuration_is_bet
         run.choose([*records, other_machine], 20)
 
 
+def test_another_machine_s_results_file_gets_its_own_protocol_outcome_beside_it(tmp_path):
+    assert run.protocol_file(run.SUITES["hippocampus"].results) == run.PROTOCOL
+    other = tmp_path / "hippocampus_intel.json"
+    assert run.protocol_file(other) == tmp_path / "hippocampus_intel_protocol.json"
+
+
 def test_a_smoke_check_needs_its_own_results_file(capsys):
     with pytest.raises(SystemExit):
         run.main(["--quick", "--cases", "4"])

@@ -396,6 +396,36 @@ def test_a_foreground_voxel_is_the_patch_centre_or_jittered_around_it():
             assert set(spread[:, axis]) == set(range(first, last + 1))
 
 
+def test_a_rotated_patch_inside_the_volume_is_filled_with_the_volume_around_it():
+    from transform import build_transform
+
+    label = np.zeros((48, 48, 48), np.uint8)
+    label[24, 24, 24] = 1  # the patch is centred here, with room on every side for what a rotation reads
+    image = np.random.default_rng(0).uniform(1, 2, size=(1, 48, 48, 48)).astype(np.float32)
+    case = Case.from_arrays("a", image, label)
+    augment = build_transform(scale=0.1, degrees=30, flip_prob=0.5, patch_size=(12, 16, 12))
+    assert max(augment.input_size()) <= 48  # the box read around the centred patch lies inside the volume
+    patches = dataset.PatchDataset([case], (12, 16, 12), length=30, foreground_ratio=1.0, transform=augment)
+    corner_zeros = []
+    for x, y in (patches[i] for i in range(30)):
+        assert x.shape == (1, 12, 16, 12) and y.shape == (1, 12, 16, 12)
+        corner_zeros.append(int((x == 0).sum()))
+    assert max(corner_zeros) == 0
+    zero_filled = build_transform(scale=0.1, degrees=30, flip_prob=0.5)  # the patch alone, rotated
+    alone = dataset.PatchDataset([case], (12, 16, 12), length=30, foreground_ratio=1.0, transform=zero_filled)
+    assert max(int((alone[i][0] == 0).sum()) for i in range(30)) > 0
+
+
+def test_a_transform_returning_another_size_than_the_patch_is_refused():
+    from transform import build_transform
+
+    case = Case.from_arrays("a", np.ones((1, 20, 20, 20), np.float32), np.ones((20, 20, 20), np.uint8))
+    other = build_transform(patch_size=(6, 6, 6))
+    patches = dataset.PatchDataset([case], (8, 8, 8), length=2, transform=other)
+    with pytest.raises(ValueError, match=r"returned \(6, 6, 6\) patches, not \(8, 8, 8\)"):
+        patches[0]
+
+
 def test_a_volume_smaller_than_the_patch_is_padded_with_one_warning_and_always_seen_whole():
     small = Case.from_arrays("small", np.ones((1, 4, 4, 4), np.float32), np.ones((4, 4, 4), np.uint8))
     with pytest.warns(UserWarning, match=r"1 case\(s\) smaller than the patch \(8, 8, 8\) are zero-padded"):

@@ -130,3 +130,49 @@ def test_one_slice_of_context_draws_the_same_jitter_as_before_context_existed():
 def test_channels_that_are_not_whole_copies_are_an_error():
     with pytest.raises(ValueError, match="5 channels are not 3 copies of the same ones"):
         IntensityJitter(prob=1.0, context_copies=3)(np.ones((5, 4, 4), np.float32), np.zeros((4, 4)), rng(0))
+
+
+@pytest.mark.parametrize(
+    ("patch", "degrees", "scale", "spacing"),
+    [((20, 24), 30, 0.2, None), ((12, 16, 10), 15, 0.05, None), ((8, 16, 16), 20, 0.1, (3.0, 1.0, 1.0))],
+)
+def test_a_patch_rotated_with_its_surroundings_has_no_voxel_from_outside_the_box_it_reads(
+    patch, degrees, scale, spacing
+):
+    # the same draws on a box much larger than input_size() give the same centre: every voxel of the output
+    # came from inside input_size(), none from the zeros beyond it
+    context = RandomAffine(scale, degrees, flip_prob=0.5, spacing=spacing, output_size=patch)
+    read = np.array(context.input_size())
+    wide = read + 2 * 6
+    volume = np.random.default_rng(0).uniform(1, 2, size=(2, *wide)).astype(np.float32)
+    labels = (volume[0] > 1.5).astype(np.uint8)
+    box = tuple(slice(6, 6 + n) for n in read)
+    without_context = RandomAffine(scale, degrees, flip_prob=0.5, spacing=spacing)
+    for seed in range(20):
+        image, label = context(volume[(slice(None), *box)], labels[box], rng(seed))
+        wide_image, wide_label = without_context(volume, labels, rng(seed))
+        centre = tuple(slice((w - p) // 2, (w - p) // 2 + p) for w, p in zip(wide, patch, strict=True))
+        assert image.shape == (2, *patch) and label.shape == patch
+        np.testing.assert_allclose(image, wide_image[(slice(None), *centre)], atol=1e-5)
+        np.testing.assert_array_equal(label, wide_label[centre])
+        assert image.min() >= 1  # no zero corners
+
+
+def test_a_patch_without_rotation_reads_no_surroundings_and_keeps_its_voxels():
+    assert RandomAffine(scale=0, degrees=0, output_size=(6, 8)).input_size() == (6, 8)
+    assert RandomAffine(affine_prob=0, output_size=(6, 8)).input_size() == (6, 8)
+    assert RandomAffine().input_size() is None
+    image = np.arange(2 * 10 * 12, dtype=np.float32).reshape(2, 10, 12)
+    label = (image[0] % 3).astype(np.uint8)
+    flip_only = RandomAffine(flip_prob=1.0, affine_prob=0.0, output_size=(6, 8))
+    flipped, flipped_label = flip_only(image, label, rng(0))
+    np.testing.assert_array_equal(flipped, image[:, 2:8, 2:10][:, :, ::-1])
+    np.testing.assert_array_equal(flipped_label, label[2:8, 2:10][:, ::-1])
+
+
+def test_an_input_without_a_centred_output_box_is_refused():
+    augment = RandomAffine(output_size=(8, 8))
+    with pytest.raises(ValueError, match="centred"):
+        augment(np.zeros((1, 9, 10), np.float32), np.zeros((9, 10), np.uint8), rng(0))
+    with pytest.raises(ValueError, match="centred"):
+        augment(np.zeros((1, 6, 10), np.float32), np.zeros((6, 10), np.uint8), rng(0))
