@@ -39,6 +39,9 @@ tensorboard: install
 # split, and `--protocol` marks the chosen record and writes the headline (report.md, "Protocol").
 CANDIDATES := res_unet3d_fullres8_affine30_pfg res_unet3d_fullres8_affine30_pfg_intensity25 \
 	res_unet3d_fullres8_affine30_pfg_intensity25_ensemble2
+# Rotated patches with zero corners against patches cut from the volume around them, side by side.
+CONTEXT_ABLATION := res_unet3d_fullres8_affine30_pfg_intensity25 res_unet3d_fullres8_affine30_pfg_intensity25_context
+CONTEXT_RESULTS := benchmarks/results/hippocampus_context.json
 # What the seed-0 runs' validation DSC chooses, read when the further seeds start.
 CHOSEN = $$($(PY) benchmarks/run.py --chosen --budget 20)
 bench: install
@@ -46,6 +49,9 @@ bench: install
 	$(PY) benchmarks/peers.py monai --budget 20
 	$(PY) benchmarks/run.py --configs $(CHOSEN) --budget 20 --tuned --seeds 1 2
 	$(PY) benchmarks/run.py --protocol --budget 20
+	$(PY) benchmarks/run.py --configs $(CONTEXT_ABLATION) --budget 20 --tuned --results $(CONTEXT_RESULTS) \
+		--runs runs/benchmarks/context
+	$(PY) benchmarks/run.py --protocol --budget 20 --results $(CONTEXT_RESULTS)
 	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-$(CHOSEN)_tuned-20min-seed0
 	$(PY) benchmarks/demo_selection.py
 	$(PY) benchmarks/model_speed.py --demo --repeats 10 --threads 2

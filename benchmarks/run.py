@@ -368,6 +368,15 @@ def run_one(suite_name: str, name: str, seed: int, args: argparse.Namespace, dat
     return record
 
 
+# Settings added after records were written, with the value that reproduces those records' code path.
+ADDED_SETTINGS = {"aug_patch_context": False}
+
+
+def recorded_settings(record: dict) -> dict:
+    """The training settings a record ran with, including those added to TrainConfig since."""
+    return {**ADDED_SETTINGS, **record["settings"]}
+
+
 def record_key(record: dict) -> tuple:
     """What a re-run replaces: the same configuration, seed and budget on the same device."""
     return record["config"], record["seed"], record["budget_minutes"], record["device"]

@@ -240,7 +240,7 @@ def test_the_readme_s_hippocampus_command_trains_the_chosen_seed_0_configuration
         for r in json.loads((REPO / "benchmarks" / "results" / "hippocampus.json").read_text())
         if r.get("chosen") and r["seed"] == 0
     ]
-    chosen = training_settings(TrainConfig(**record["settings"]))
+    chosen = training_settings(TrainConfig(**run.recorded_settings(record)))
     ignored = {"image_size", "vis_freq"}  # image_size is kaggle_3m's; vis_freq only draws TensorBoard images
     got = readme_settings("-p run_name hippocampus")
     assert {k: v for k, v in got.items() if k not in ignored} == {
