@@ -49,7 +49,7 @@ bench: install
 	$(PY) benchmarks/peers.py monai --budget 20
 	$(PY) benchmarks/run.py --configs $(CHOSEN) --budget 20 --tuned --seeds 1 2
 	$(PY) benchmarks/run.py --protocol --budget 20
-	$(PY) benchmarks/run.py --configs $(CONTEXT_ABLATION) --budget 20 --tuned --results $(CONTEXT_RESULTS) \
+	$(PY) benchmarks/run.py --configs $(CONTEXT_ABLATION) --budget 20 --tuned --seeds 0 1 --results $(CONTEXT_RESULTS) \
 		--runs runs/benchmarks/context
 	$(PY) benchmarks/run.py --protocol --budget 20 --results $(CONTEXT_RESULTS)
 	$(PY) benchmarks/figures.py runs/benchmarks/hippocampus-$(CHOSEN)_tuned-20min-seed0

@@ -18,6 +18,7 @@ benchmarks/results/legacy/.
 
     .venv/bin/python benchmarks/run.py --budget 20 --tuned --configs res_unet3d_fullres8_affine30_pfg
     .venv/bin/python benchmarks/run.py --protocol        # chooses among the 20-minute runs
+    .venv/bin/python benchmarks/run.py --protocol --results b.json   # another machine: b_protocol.json
     .venv/bin/python benchmarks/run.py --quick --cases 10 --budget 0.02 --results /tmp/smoke.json
 """
 
@@ -455,15 +456,21 @@ def per_case(records: list[dict], subset: str = "test") -> dict[str, float]:
 
 
 def candidate_comparisons(records: list[dict], chosen: str, budget: float) -> dict[str, dict]:
-    """The chosen configuration against each other candidate on the test cases, paired over the cases of
-    the selection seed's runs: reported after the choice, never used for it."""
-    selection = {r["config"]: per_case([r]) for r in selection_runs(records, budget)}
+    """The chosen configuration against each other candidate on the test cases, paired over the cases,
+    each case averaged over the seeds that both ran (the selection seed at least): reported after the
+    choice, never used for it."""
+    runs: dict[str, dict[int, dict]] = {}
+    for record in protocol_runs(records, budget):
+        runs.setdefault(record["config"], {})[record["seed"]] = record
+    candidates = {record["config"] for record in selection_runs(records, budget)}
     comparisons = {}
-    for config, cases in sorted(selection.items()):
-        if config == chosen:
-            continue
-        paired = paired_difference(selection[chosen], cases)
+    for config in sorted(candidates - {chosen}):
+        seeds = sorted(set(runs[chosen]) & set(runs[config]))
+        paired = paired_difference(
+            per_case([runs[chosen][seed] for seed in seeds]), per_case([runs[config][seed] for seed in seeds])
+        )
         comparisons[config] = {
+            "seeds": seeds,
             "mean": paired.mean_difference,
             "ci": [paired.low, paired.high],
             "wilcoxon_p": paired.wilcoxon_p,

@@ -115,6 +115,18 @@ def test_the_chosen_configuration_is_compared_with_each_other_candidate_on_the_s
     assert comparisons["equal"]["verdict"].startswith("no significant difference")
 
 
+def test_candidates_that_both_ran_further_seeds_are_compared_over_each_case_s_mean_across_those_seeds():
+    def record(config, seed, value):
+        rows = {f"case{i}": {"dsc_mean": value + 0.01 * i} for i in range(8)}
+        return {"config": config, "seed": seed, "budget_minutes": 20, "rows": {"test": rows}, "device": "cpu"}
+
+    records = [record("chosen", 0, 0.80), record("chosen", 1, 0.90), record("chosen", 2, 0.0)]
+    records += [record("other", 0, 0.84), record("other", 1, 0.84)]
+    (comparison,) = run.candidate_comparisons(records, "chosen", budget=20).values()
+    assert comparison["seeds"] == [0, 1]  # seed 2 of the chosen one has no partner
+    assert comparison["mean"] == pytest.approx(0.01)  # (0.80 + 0.90) / 2 - 0.84 for every case
+
+
 @needs_real_data
 def test_an_ensemble_configuration_trains_members_on_shares_of_the_budget_and_tests_them_together(tmp_path):
     results, runs = tmp_path / "results.json", tmp_path / "runs"
@@ -200,6 +212,24 @@ def test_the_reports_headline_and_protocol_table_are_generated_from_the_results_
     assert summary["headline"] in report
     match = re.search("<!-- protocol table -->\n(.*?)\n<!-- end protocol table -->", report, re.S)
     assert match and match.group(1).strip() == run.markdown(run.SUITES["hippocampus"], records)
+
+
+def test_the_reports_patch_context_comparison_is_generated_from_its_results_file():
+    results = REPO / "benchmarks" / "results" / "hippocampus_context.json"
+    records = json.loads(results.read_text())
+    summary = run.protocol_summary(records, json.loads(run.PEER_MONAI.read_text()), budget=20)
+    assert summary == {
+        k: v for k, v in json.loads(run.protocol_file(results).read_text()).items() if k != "suite"
+    }
+    assert "monai" not in summary  # the peer ran on another machine: no comparison with it
+    report = (REPO / "report.md").read_text()
+    match = re.search("<!-- context table -->\n(.*?)\n<!-- end context table -->", report, re.S)
+    assert match and match.group(1).strip() == run.markdown(run.SUITES["hippocampus"], records)
+    (comparison,) = summary["against_candidates"].values()
+    assert (
+        f"{comparison['mean']:+.4f} (95% CI {comparison['ci'][0]:+.4f} to {comparison['ci'][1]:+.4f}"
+        in report
+    )
 
 
 def test_the_reports_demo_selection_tables_are_generated_from_its_results_file():
