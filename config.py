@@ -76,7 +76,7 @@ class TrainConfig:
     aug_intensity: float = 0.0  # random per-channel gain and shift (0: off)
     aug_affine_prob: float = 1.0  # share of samples scaled and rotated (nnU-Net: 0.2 each); the rest exact
     aug_patch_context: bool = True  # 3D: rotate a patch with the volume around it (nnU-Net); False fills
-    # its corners with zeros, as runs before 2026-12-04 did
+    # its corners with zeros, as runs before commit 862b585 did
     num_workers: int = 0
     amp: bool | str = "auto"  # mixed precision: auto (bfloat16 on GPUs that have it, float16 on others,
     # off on CPU), True (also bfloat16 on CPU), False, "bfloat16" or "float16"
@@ -201,6 +201,7 @@ class TrainConfig:
             f"foreground_jitter must be in [0, 1], got {self.foreground_jitter}",
         )
         require(0 <= self.overlap < 1, f"overlap must be in [0, 1), got {self.overlap}")
+        require(0 <= self.aug_scale < 1, f"aug_scale must be in [0, 1), got {self.aug_scale}")
         require(
             self.lr_schedule in ("constant", "poly"),
             f"lr_schedule must be 'constant' or 'poly', got {self.lr_schedule!r}",

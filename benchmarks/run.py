@@ -63,7 +63,8 @@ NNUNET = {"Anterior": 0.90, "Posterior": 0.89}  # Isensee et al. 2021, as quoted
 UNET2D = {"model": "unet", "init_features": 16, "batch_size": 32}
 # One loader worker keeps the 3D augmentation off the training step's critical path. Flips stay
 # left-right (the default): anterior and posterior hippocampus differ by position along the other axes.
-# The rows before 2026-12-04 rotated a patch without the volume around it (zero corners); they keep that.
+# The rows before commit 862b585 rotated a patch without the volume around it (zero corners); they keep
+# that. It is also what a record written before the setting existed ran with (recorded_settings).
 LEGACY_3D = {"aug_patch_context": False}
 RES_UNET3D = {
     **LEGACY_3D,
@@ -369,13 +370,9 @@ def run_one(suite_name: str, name: str, seed: int, args: argparse.Namespace, dat
     return record
 
 
-# Settings added after records were written, with the value that reproduces those records' code path.
-ADDED_SETTINGS = {"aug_patch_context": False}
-
-
 def recorded_settings(record: dict) -> dict:
-    """The training settings a record ran with, including those added to TrainConfig since."""
-    return {**ADDED_SETTINGS, **record["settings"]}
+    """The training settings a record ran with, including those added to TrainConfig since (LEGACY_3D)."""
+    return {**LEGACY_3D, **record["settings"]}
 
 
 def record_key(record: dict) -> tuple:

@@ -89,6 +89,7 @@ def copy_of(folder: Path, target: Path) -> Path:
         ("context_slices", True, r"context_slices must be an integer, got True \(bool\)"),
         ("patch_size", [32, 32], r"patch_size must be 3 positive sizes"),
         ("foreground_jitter", 1.5, r"foreground_jitter must be in \[0, 1\]"),
+        ("aug_scale", 1.0, r"aug_scale must be in \[0, 1\), got 1\.0"),
         ("batch_size", 0, "batch_size must be at least 1"),
         ("lr", -1e-3, "lr must be positive"),
         ("amp", "fp8", "amp must be one of"),
